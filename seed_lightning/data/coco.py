@@ -1,0 +1,230 @@
+"""COCO captions / Karpathy split files -> image shards (the layout ShardDataModule reads), and VQAv2 readers.
+
+    python -m seed_lightning.data.coco --image-dir coco/images --annotations dataset_coco.json \
+        --split test --per-image --out-dir data/coco/shards --prefix coco-karpathy-test
+"""
+
+import argparse
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import webdataset
+from tqdm import tqdm
+
+from seed_lightning.errors import ConfigError, DataError
+
+KARPATHY_SPLITS = ("train", "restval", "val", "test")
+
+
+@dataclass
+class CaptionedImage:
+    """One image and all its reference captions, from either annotation format."""
+
+    image_id: int
+    path: Path
+    file_name: str
+    captions: list[str]
+    width: int | None = None
+    height: int | None = None
+
+
+@dataclass
+class VQARecord:
+    """One VQAv2 question, with its 10 human answers when annotations were given."""
+
+    question_id: int
+    image_id: int
+    question: str
+    answers: list[str] = field(default_factory=list)
+    answer_type: str | None = None
+    question_type: str | None = None
+    multiple_choice_answer: str | None = None
+
+
+def _load_json(path: str | Path, what: str) -> Any:
+    try:
+        with open(path, encoding="utf-8") as file:
+            return json.load(file)
+    except OSError as error:
+        raise DataError(f"cannot read {what} {str(path)!r}: {error.strerror or error}; check the path") from None
+    except ValueError as error:
+        raise DataError(f"{what} {str(path)!r} is not valid JSON ({error}); re-download or fix the file") from None
+
+
+def _field(entry: dict, key: str, where: str) -> Any:
+    if not isinstance(entry, dict) or key not in entry:
+        raise DataError(f"{where} lacks {key!r}: is it the right kind of annotation file?")
+    return entry[key]
+
+
+def read_caption_annotations(
+    annotations: str | Path, image_dir: str | Path, split: str | None = None
+) -> list[CaptionedImage]:
+    """Images with captions from COCO caption JSON (images + annotations) or a Karpathy split file
+    (images[{filepath?, filename, split, cocoid|imgid, sentences[{raw}]}], as dataset_coco.json / _flickr30k.json).
+
+    `split` (Karpathy only) keeps the listed comma-separated splits, e.g. "train,restval". Images without any
+    caption are left out. Order: as in the file.
+    """
+    data = _load_json(annotations, "annotation file")
+    images = data.get("images") if isinstance(data, dict) else None
+    if not isinstance(images, list):
+        raise DataError(
+            f"annotation file {str(annotations)!r} has no 'images' list: give COCO captions or a Karpathy split file"
+        )
+    image_dir = Path(image_dir)
+    if "annotations" in data:
+        if split is not None:
+            raise ConfigError(f"split={split!r} only applies to Karpathy split files; {annotations} is COCO format")
+        return _coco_images(data, images, image_dir, str(annotations))
+    return _karpathy_images(images, image_dir, split, str(annotations))
+
+
+def _coco_images(data: dict, images: list, image_dir: Path, name: str) -> list[CaptionedImage]:
+    captions: dict[int, list[str]] = {}
+    for position, annotation in enumerate(data["annotations"]):
+        where = f"{name}: annotations[{position}]"
+        captions.setdefault(_field(annotation, "image_id", where), []).append(_field(annotation, "caption", where))
+    records = []
+    for position, image in enumerate(images):
+        where = f"{name}: images[{position}]"
+        image_id, file_name = _field(image, "id", where), _field(image, "file_name", where)
+        if image_id in captions:
+            size = image.get("width"), image.get("height")
+            records.append(CaptionedImage(image_id, image_dir / file_name, file_name, captions[image_id], *size))
+    return records
+
+
+def _karpathy_images(images: list, image_dir: Path, split: str | None, name: str) -> list[CaptionedImage]:
+    wanted = None if split is None else {part.strip() for part in split.split(",")}
+    if wanted is not None and not wanted <= set(KARPATHY_SPLITS):
+        raise ConfigError(f"unknown Karpathy split in {split!r}: use a comma-separated subset of {KARPATHY_SPLITS}")
+    records = []
+    for position, image in enumerate(images):
+        where = f"{name}: images[{position}]"
+        if wanted is not None and _field(image, "split", where) not in wanted:
+            continue
+        file_name = _field(image, "filename", where)
+        relative = Path(image.get("filepath", "")) / file_name
+        image_id = image["cocoid"] if "cocoid" in image else _field(image, "imgid", where)
+        captions = [_field(sentence, "raw", f"{where}.sentences") for sentence in _field(image, "sentences", where)]
+        if captions:
+            records.append(CaptionedImage(image_id, image_dir / relative, str(relative), captions))
+    return records
+
+
+def coco_to_shards(
+    image_dir: str | Path,
+    annotations: str | Path,
+    out_dir: str | Path,
+    prefix: str = "coco",
+    per_image: bool = False,
+    maxcount: int = 10_000,
+    split: str | None = None,
+    progress: bool = False,
+) -> list[str]:
+    """Write WebDataset shards `out_dir/prefix-000000.tar`, ... and return their paths.
+
+    Each sample: the original image bytes (KEY.jpg or KEY.png, ...), KEY.txt (a caption) and KEY.json
+    {image_id, captions (all of the image's), file_name, width, height (when known)}. per_image=False writes one
+    sample per caption (training: KEY = image id + caption number); per_image=True one per image with its first
+    caption in KEY.txt (evaluation: KEY = image id).
+    """
+    if maxcount < 1:
+        raise ConfigError(f"maxcount must be >= 1, got {maxcount}")
+    records = read_caption_annotations(annotations, image_dir, split)
+    if not records:
+        raise DataError(f"no captioned images in {str(annotations)!r} (split={split!r}): check the file and split")
+    missing = [record.path for record in records if not record.path.is_file()]
+    if missing:
+        raise DataError(
+            f"{len(missing)} of {len(records)} images not found, e.g. {str(missing[0])!r}: check --image-dir"
+        )
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    written: list[str] = []
+    with webdataset.ShardWriter(
+        str(Path(out_dir) / f"{prefix}-%06d.tar"), maxcount=maxcount, post=written.append, verbose=0, mtime=0.0
+    ) as writer:
+        for record in tqdm(records, desc="images", unit="img", disable=not progress):
+            image_bytes = record.path.read_bytes()
+            meta = {"image_id": record.image_id, "captions": record.captions, "file_name": record.file_name}
+            meta.update({name: getattr(record, name) for name in ("width", "height") if getattr(record, name)})
+            extension = record.path.suffix.lstrip(".").lower() or "jpg"
+            image_key = f"{record.image_id:012d}" if isinstance(record.image_id, int) else str(record.image_id)
+            samples = [(image_key, record.captions[0])] if per_image else [
+                (f"{image_key}_{number}", caption) for number, caption in enumerate(record.captions)
+            ]
+            for key, caption in samples:
+                writer.write({"__key__": key, extension: image_bytes, "txt": caption, "json": meta})
+    return written
+
+
+def read_vqa(questions_path: str | Path, annotations_path: str | Path | None = None) -> list[VQARecord]:
+    """VQAv2 questions (+ annotations) -> records in question-file order.
+
+    Raises DataError for unreadable JSON, entries lacking a field, or question and annotation files whose question
+    ids (or their image ids) differ. Without annotations (test-dev) the answer fields stay empty.
+    """
+    questions = _field(_load_json(questions_path, "VQA questions file"), "questions", str(questions_path))
+    records = []
+    for position, entry in enumerate(questions):
+        where = f"{questions_path}: questions[{position}]"
+        records.append(VQARecord(*(_field(entry, key, where) for key in ("question_id", "image_id", "question"))))
+    if annotations_path is None:
+        return records
+    annotations = _field(_load_json(annotations_path, "VQA annotations file"), "annotations", str(annotations_path))
+    by_question: dict[int, dict] = {}
+    for position, entry in enumerate(annotations):
+        by_question[_field(entry, "question_id", f"{annotations_path}: annotations[{position}]")] = entry
+    question_ids = {record.question_id for record in records}
+    if question_ids != by_question.keys():
+        only_questions = sorted(question_ids - by_question.keys())
+        only_annotations = sorted(by_question.keys() - question_ids)
+        raise DataError(
+            f"VQA questions and annotations do not match: {len(only_questions)} question ids only in"
+            f" {questions_path} (e.g. {only_questions[:3]}), {len(only_annotations)} only in {annotations_path}"
+            f" (e.g. {only_annotations[:3]}); use files of the same split"
+        )
+    for record in records:
+        entry = by_question[record.question_id]
+        where = f"{annotations_path}: annotation of question {record.question_id}"
+        if _field(entry, "image_id", where) != record.image_id:
+            raise DataError(
+                f"{where} has image_id {entry['image_id']} but the question has {record.image_id}: mismatched files"
+            )
+        record.answers = [_field(answer, "answer", f"{where}.answers") for answer in _field(entry, "answers", where)]
+        record.answer_type = _field(entry, "answer_type", where)
+        record.question_type = _field(entry, "question_type", where)
+        record.multiple_choice_answer = _field(entry, "multiple_choice_answer", where)
+    return records
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m seed_lightning.data.coco",
+        description="Convert COCO caption annotations or a Karpathy split file into WebDataset image shards.",
+    )
+    parser.add_argument("--image-dir", required=True, help="folder the annotation file's image paths are relative to")
+    parser.add_argument("--annotations", required=True, help="captions_*.json (COCO) or dataset_coco.json (Karpathy)")
+    parser.add_argument("--out-dir", required=True, help="folder to write the shards into")
+    parser.add_argument("--prefix", default="coco", help="shard file prefix: PREFIX-000000.tar, ...")
+    parser.add_argument("--per-image", action="store_true", help="one sample per image (evaluation), not per caption")
+    parser.add_argument("--maxcount", type=int, default=10_000, help="samples per shard")
+    parser.add_argument("--split", default=None, help="Karpathy splits to keep, comma-separated (e.g. train,restval)")
+    args = parser.parse_args(argv)
+    try:
+        shards = coco_to_shards(
+            args.image_dir, args.annotations, args.out_dir, args.prefix, args.per_image, args.maxcount, args.split, True
+        )
+    except (ConfigError, DataError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(f"wrote {len(shards)} shard(s): {shards[0]} ... {shards[-1]}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

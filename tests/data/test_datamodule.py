@@ -1,0 +1,219 @@
+import io
+import struct
+from types import SimpleNamespace
+
+import pytest
+import torch
+import yaml
+from jsonargparse import ArgumentParser
+from PIL import Image
+from webdataset import TarWriter
+
+from seed_lightning.data.datamodule import STREAM_STATE_KEY, ShardDataModule, ShardSource, ShardValDataset
+from seed_lightning.data.shards import expand_urls, index_tar, make_decoder
+from seed_lightning.data.transforms import ImageTransform
+from seed_lightning.errors import ConfigError, DataError
+
+pytestmark = pytest.mark.filterwarnings("ignore:shard .* cut off")
+
+
+def jpeg_bytes(shade: int) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (14, 10), (shade, 100, 255 - shade)).save(buffer, format="JPEG")
+    return buffer.getvalue()
+
+
+def write_shard(path, keys, codes: bool = False) -> None:
+    with TarWriter(str(path), mtime=0) as writer:
+        for number, key in enumerate(keys):
+            sample = {"__key__": key, "txt": f"Sample {key}.", "json": {"number": number}}
+            if codes:
+                sample["codes"] = struct.pack("<32h", *[(number * 7 + i) % 8192 for i in range(32)])
+            else:
+                sample["jpg"] = jpeg_bytes(number * 30 % 256)
+            writer.write(sample)
+
+
+@pytest.fixture
+def shards(tmp_path):
+    for shard in range(3):
+        write_shard(tmp_path / f"a-{shard:03d}.tar", [f"a{shard}_{i}" for i in range(5)])
+    write_shard(tmp_path / "b-000.tar", [f"b_{i}" for i in range(4)])
+    write_shard(tmp_path / "val-000.tar", [f"v{i:02d}" for i in range(7)])
+    write_shard(tmp_path / "val-001.tar", [f"v{i:02d}" for i in range(7, 11)])
+    return tmp_path
+
+
+def make_module(shards, **overrides) -> ShardDataModule:
+    settings = dict(
+        train=[ShardSource(f"{shards}/a-{{000..002}}.tar", 2.0), ShardSource(f"{shards}/b-000.tar", 1.0)],
+        val=f"{shards}/val-{{000..001}}.tar",
+        image_size=16,
+        batch_size=3,
+        val_batch_size=4,
+        num_workers=0,
+        samples_per_epoch=15,
+        shuffle_buffer=4,
+    )
+    return ShardDataModule(**{**settings, **overrides})
+
+
+def consume(module: ShardDataModule, batches: int | None = None) -> list[list[str]]:
+    """Iterate the train loader as Lightning does (on_after_batch_transfer before each step); return keys."""
+    keys = []
+    for batch in module.train_dataloader():
+        batch = module.on_after_batch_transfer(batch, 0)
+        assert STREAM_STATE_KEY not in batch
+        keys.append(batch["key"])
+        if batches is not None and len(keys) == batches:
+            break
+    return keys
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_train_and_val_loaders_give_design_batches(shards, num_workers):
+    module = make_module(shards, num_workers=num_workers)
+    loader = module.train_dataloader()
+    assert len(loader) == 15 // 3
+    batches = list(loader)
+    assert len(batches) == 5
+    for batch in batches:
+        assert STREAM_STATE_KEY in batch
+        assert batch["pixel_values"].shape == (3, 3, 16, 16) and batch["pixel_values"].dtype == torch.float32
+        assert len(batch["caption"]) == len(batch["key"]) == len(batch["meta"]) == 3
+        assert all(caption == f"sample {key}" for caption, key in zip(batch["caption"], batch["key"]))
+    val = list(module.val_dataloader())
+    assert [b["index"].tolist() for b in val] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10]]
+    assert [key for b in val for key in b["key"]] == [f"v{i:02d}" for i in range(11)]
+    assert val[0]["pixel_values"].shape == (4, 3, 16, 16)
+
+
+def test_codes_kind_batches(shards):
+    for shard in range(2):
+        write_shard(shards / f"tok-{shard}.tar", [f"t{shard}_{i}" for i in range(6)], codes=True)
+    module = make_module(shards, kind="codes", train=[ShardSource(f"{shards}/tok-{{0..1}}.tar")], val=None)
+    batch = module.on_after_batch_transfer(next(iter(module.train_dataloader())), 0)
+    assert batch["codes"].shape == (3, 32) and batch["codes"].dtype == torch.long
+    assert set(batch) == {"codes", "caption", "key", "meta"}
+    number = batch["meta"][0]["number"]
+    assert batch["codes"][0].tolist() == [(number * 7 + i) % 8192 for i in range(32)]
+    assert module.val_dataloader() == []
+
+
+def test_every_val_sample_once_over_two_ranks_and_workers(shards):
+    refs = [ref for url in expand_urls(f"{shards}/val-{{000..001}}.tar") for ref in index_tar(url).samples]
+    decode = make_decoder("image", ImageTransform(image_size=8), 50)
+    seen = []
+    for rank in range(2):
+        dataset = ShardValDataset(refs, decode, batch_size=2, rank=rank, world_size=2)
+        loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=2)
+        batches = list(loader)
+        assert len(batches) == len(loader)
+        indices = [i for b in batches for i in b["index"].tolist()]
+        assert indices == list(range(rank, 11, 2))  # in order, no padding duplicates
+        seen += indices
+        assert [key for b in batches for key in b["key"]] == [f"v{i:02d}" for i in indices]
+    assert sorted(seen) == list(range(11))
+
+
+def test_ranks_get_different_streams_and_same_number_of_batches(shards):
+    keys = {}
+    for rank in range(2):
+        module = make_module(shards, samples_per_epoch=30)
+        module.trainer = SimpleNamespace(global_rank=rank, world_size=2)
+        keys[rank] = consume(module)
+    assert len(keys[0]) == len(keys[1]) == 30 // (2 * 3)
+    assert keys[0] != keys[1]
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_state_dict_resumes_the_exact_batch_sequence_across_epochs(shards, num_workers):
+    reference = make_module(shards, num_workers=num_workers)
+    expected = [key for _ in range(3) for key in consume(reference)]  # 3 epochs of 5 batches
+    assert len(expected) == 15
+
+    for stop in (2, 5, 7):
+        first = make_module(shards, num_workers=num_workers)
+        seen = consume(first, batches=stop)
+        if stop > 5:
+            seen += consume(first, batches=stop - 5)
+        buffer = io.BytesIO()
+        torch.save(first.state_dict(), buffer)
+        buffer.seek(0)
+        resumed = make_module(shards, num_workers=num_workers)
+        resumed.load_state_dict(torch.load(buffer, weights_only=True))
+        assert len(resumed.train_dataloader()) == 5
+        # Lightning asks for the rest of the interrupted epoch, then whole epochs.
+        while len(seen) < 15:
+            seen += consume(resumed)
+        assert seen == expected, f"resumed after {stop} batches"
+        assert resumed.skipped == reference.skipped
+
+
+def test_skipped_counts_are_summed_over_workers(shards):
+    with TarWriter(str(shards / "bad.tar"), mtime=0) as writer:
+        for i in range(4):
+            writer.write({"__key__": f"bad{i}", "jpg": b"not an image", "txt": "x"})
+            writer.write({"__key__": f"nocap{i}", "jpg": jpeg_bytes(9)})
+            writer.write({"__key__": f"ok{i}", "jpg": jpeg_bytes(9), "txt": "fine"})
+    module = make_module(shards, train=[ShardSource(f"{shards}/bad.tar")], num_workers=2, samples_per_epoch=12)
+    keys = consume(module)
+    assert all(key.startswith("ok") for batch in keys for key in batch)
+    skipped = module.skipped
+    assert skipped["corrupt_image"] >= 4 and skipped["missing_caption"] >= 4
+    states = [state for state in module._book.states if state is not None]
+    assert len(states) == 2
+    assert skipped["corrupt_image"] == sum(state.skipped.get("corrupt_image", 0) for state in states)
+
+
+def test_changed_configuration_resumes_on_fresh_streams_with_a_warning(shards):
+    first = make_module(shards)
+    consume(first, batches=2)
+    changed = make_module(shards, batch_size=5)
+    with pytest.warns(UserWarning, match="does not match"):
+        changed.load_state_dict(first.state_dict())
+    assert changed._book.batches == 2 and changed._book.states == [None]
+    assert len(consume(changed)) == 15 // 5 - 2 % 3
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"samples_per_epoch": 2}, "samples_per_epoch"),
+        ({"train": None}, "no training data"),
+        ({"train": [ShardSource("x.tar", 0.0)]}, "weights"),
+        ({"crop_scale": (0.6, 0.5)}, "crop_scale"),
+        ({"kind": "video"}, "kind"),
+        ({"batch_size": 0}, "batch_size"),
+    ],
+)
+def test_bad_configuration_is_a_one_line_config_error(shards, overrides, message):
+    with pytest.raises(ConfigError, match=message) as error:
+        make_module(shards, **overrides).train_dataloader()
+    assert "\n" not in str(error.value)
+
+
+def test_missing_shards_fail_at_setup(shards):
+    with pytest.raises(DataError, match="a-003.tar"):
+        make_module(shards, train=[ShardSource(f"{shards}/a-{{000..003}}.tar")]).setup("fit")
+    with pytest.raises(DataError, match="nothing-"):
+        make_module(shards, val=f"{shards}/nothing-*.tar").setup("validate")
+
+
+def test_lightning_cli_can_build_it_from_yaml(shards):
+    parser = ArgumentParser()
+    parser.add_class_arguments(ShardDataModule, "data")
+    config = {
+        "data": {
+            "train": [{"urls": f"{shards}/a-000.tar", "weight": 2.0}, {"urls": f"{shards}/b-000.tar"}],
+            "kind": "image",
+            "crop_scale": [0.4, 0.9],
+            "batch_size": 2,
+        }
+    }
+    module = parser.instantiate_classes(parser.parse_string(yaml.safe_dump(config))).data
+    assert module.train_sources == [ShardSource(f"{shards}/a-000.tar", 2.0), ShardSource(f"{shards}/b-000.tar", 1.0)]
+    assert module.crop_scale == (0.4, 0.9)
+    assert module.hparams["train"][0] == {"urls": f"{shards}/a-000.tar", "weight": 2.0}
+    with pytest.raises(SystemExit):  # jsonargparse rejects a kind outside the Literal
+        parser.parse_string(yaml.safe_dump({"data": {"kind": "video"}}))
