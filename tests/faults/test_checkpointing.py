@@ -1,0 +1,191 @@
+import errno
+import io
+import logging
+import os
+
+import pytest
+import torch
+from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
+from torch import nn
+from torch.nn import functional as F
+from torch.utils.data import DataLoader, TensorDataset
+
+from seed_lightning.errors import ConfigError
+from seed_lightning.training.checkpointing import AtomicCheckpointIO, checkpoint_problem, resolve_resume_path
+
+
+class Regression(LightningModule):
+    def __init__(self):
+        super().__init__()
+        self.layer = nn.Linear(4, 1)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return F.mse_loss(self.layer(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=1e-2)
+
+    def train_dataloader(self):
+        generator = torch.Generator().manual_seed(0)
+        data = TensorDataset(torch.randn(64, 4, generator=generator), torch.randn(64, 1, generator=generator))
+        return DataLoader(data, batch_size=8)
+
+
+def training_state(step: int, size: int = 16) -> dict:
+    return {"global_step": step, "state_dict": {"w": torch.full((size,), float(step))}, "optimizer_states": [{}]}
+
+
+def fit(tmp_path, max_steps, ckpt_path=None, save_last=True, **checkpoint_kwargs):
+    torch.manual_seed(0)
+    checkpoint = ModelCheckpoint(
+        dirpath=tmp_path / "ckpt", save_last=save_last, every_n_train_steps=1, **checkpoint_kwargs
+    )
+    trainer = Trainer(
+        max_steps=max_steps,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+        plugins=[AtomicCheckpointIO()],
+        callbacks=[checkpoint],
+    )
+    trainer.fit(Regression(), ckpt_path=ckpt_path)
+    return trainer
+
+
+def load_step(path) -> int:
+    return torch.load(path, weights_only=False)["global_step"]
+
+
+@pytest.fixture
+def io_plugin():
+    return AtomicCheckpointIO()
+
+
+def test_crash_mid_write_leaves_the_previous_last_checkpoint_intact(tmp_path, io_plugin, monkeypatch):
+    last = tmp_path / "last.ckpt"
+    io_plugin.save_checkpoint(training_state(1), last)
+    real_save = torch.save
+
+    def disk_full_halfway(obj, file):
+        buffer = io.BytesIO()
+        real_save(obj, buffer)
+        file.write(buffer.getvalue()[: buffer.tell() // 2])
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", disk_full_halfway)
+    with pytest.raises(OSError, match="No space"):
+        io_plugin.save_checkpoint(training_state(2), last)
+    monkeypatch.undo()
+
+    assert load_step(last) == 1
+    assert checkpoint_problem(last) is None
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]  # no temp file, no .prev
+
+
+def test_overwriting_last_keeps_the_previous_one_and_only_for_last(tmp_path, io_plugin):
+    for step in (1, 2):
+        io_plugin.save_checkpoint(training_state(step), tmp_path / "last.ckpt")
+        io_plugin.save_checkpoint(training_state(step), tmp_path / "best.ckpt")
+    assert load_step(tmp_path / "last.ckpt") == 2
+    assert load_step(tmp_path / "last.prev.ckpt") == 1
+    assert not (tmp_path / "best.prev.ckpt").exists()
+    AtomicCheckpointIO(keep_previous_last=False).save_checkpoint(training_state(3), tmp_path / "last.ckpt")
+    assert load_step(tmp_path / "last.prev.ckpt") == 1
+
+
+def test_temp_file_left_by_a_killed_save_is_cleaned_up(tmp_path, io_plugin):
+    stale = tmp_path / ".last.ckpt.4242-deadbeef.tmp"
+    stale.write_bytes(b"half a checkpoint")
+    io_plugin.save_checkpoint(training_state(1), tmp_path / "last.ckpt")
+    assert not stale.exists()
+
+
+def test_truncation_and_bit_rot_are_detected(tmp_path, io_plugin):
+    path = tmp_path / "last.ckpt"
+    io_plugin.save_checkpoint(training_state(1, size=1 << 16), path)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    assert "truncated or corrupt" in checkpoint_problem(path)
+
+    flipped = bytearray(data)
+    flipped[len(data) // 2] ^= 0xFF  # inside the 256 KiB tensor record
+    path.write_bytes(bytes(flipped))
+    assert "CRC" in checkpoint_problem(path)
+
+    path.write_bytes(data)
+    assert checkpoint_problem(path) is None
+
+
+def test_weights_only_checkpoint_cannot_be_resumed(tmp_path, io_plugin):
+    path = tmp_path / "weights.ckpt"
+    io_plugin.save_checkpoint({"state_dict": {"w": torch.ones(2)}}, path)
+    assert "weights only" in checkpoint_problem(path)
+
+
+def test_resume_last_falls_back_past_a_corrupt_last_and_training_continues(tmp_path, caplog):
+    fit(tmp_path, max_steps=3)
+    ckpt_dir = tmp_path / "ckpt"
+    assert resolve_resume_path("last", ckpt_dir) == str(ckpt_dir / "last.ckpt")
+    assert load_step(ckpt_dir / "last.ckpt") == 3
+    assert load_step(ckpt_dir / "last.prev.ckpt") == 2
+
+    last = ckpt_dir / "last.ckpt"
+    last.write_bytes(last.read_bytes()[:100])
+    with caplog.at_level(logging.WARNING, logger="seed_lightning"):
+        resumed_from = resolve_resume_path("last", ckpt_dir)
+    assert resumed_from == str(ckpt_dir / "last.prev.ckpt")
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and str(last) in warnings[0]
+
+    trainer = fit(tmp_path, max_steps=5, ckpt_path=resumed_from)
+    assert trainer.global_step == 5
+    assert load_step(last) == 5 and checkpoint_problem(last) is None
+
+
+def test_explicit_corrupt_or_missing_path_is_a_config_error_naming_the_file(tmp_path):
+    corrupt = tmp_path / "epoch=1.ckpt"
+    corrupt.write_bytes(b"PK\x03\x04 not really a zip")
+    with pytest.raises(ConfigError, match="epoch=1.ckpt: it is truncated or corrupt") as error:
+        resolve_resume_path(str(corrupt), tmp_path)
+    assert "\n" not in str(error.value)
+    with pytest.raises(ConfigError, match="does not exist"):
+        resolve_resume_path(str(tmp_path / "missing.ckpt"), tmp_path)
+
+
+def test_no_checkpoint_yet_starts_fresh_but_unusable_ones_refuse(tmp_path, caplog):
+    assert resolve_resume_path(None, tmp_path) is None
+    assert resolve_resume_path("best", tmp_path) == "best"  # Lightning resolves its own keywords
+    with caplog.at_level(logging.INFO, logger="seed_lightning"):
+        assert resolve_resume_path("last", tmp_path / "not-yet-created") is None
+    assert "starting a fresh run" in caplog.text
+
+    (tmp_path / "epoch=0-step=9.ckpt").write_bytes(b"")
+    with pytest.raises(ConfigError, match="no last.*ckpt; pass --ckpt_path explicitly.*epoch=0-step=9.ckpt"):
+        resolve_resume_path("last", tmp_path)
+    (tmp_path / "last.ckpt").write_bytes(b"garbage")
+    (tmp_path / "last.prev.ckpt").write_bytes(b"")
+    with pytest.raises(ConfigError, match="no usable last checkpoint.*last.ckpt, last.prev.ckpt"):
+        resolve_resume_path("last", tmp_path)
+
+
+def test_symlinked_last_from_save_last_link(tmp_path):
+    fit(tmp_path, max_steps=2, save_last="link", save_top_k=1)
+    last = tmp_path / "ckpt" / "last.ckpt"
+    assert last.is_symlink()
+    assert resolve_resume_path("last", last.parent) == str(last)
+    last.resolve().unlink()
+    assert checkpoint_problem(last) == "it is a dangling symlink"
+    with pytest.raises(ConfigError, match="no usable last checkpoint"):
+        resolve_resume_path("last", last.parent)
+
+
+def test_newest_good_last_wins_over_older_versions(tmp_path, io_plugin):
+    io_plugin.save_checkpoint(training_state(1), tmp_path / "last.ckpt")
+    io_plugin.save_checkpoint(training_state(2), tmp_path / "last-v1.ckpt")
+    os.utime(tmp_path / "last.ckpt", (1, 1))
+    assert resolve_resume_path("last", tmp_path) == str(tmp_path / "last-v1.ckpt")
