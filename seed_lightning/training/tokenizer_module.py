@@ -1,0 +1,283 @@
+"""TokenizerModule: the two training stages of the SEED tokenizer as one LightningModule.
+
+stage "contrastive": frozen ViT -> Causal Q-Former, image-text contrastive loss (ITC) between the
+    LAST causal query and the text [CLS]; trains the Q-Former, its queries and text branch,
+    ln_vision, both projections and the temperature.
+stage "codebook": ViT + Q-Former frozen (their causal embeddings cached on disk after the first
+    visit); trains the codebook, its task layers and both heads with
+    vq_weight * L_vq + recon_weight * L_recon + gen_weight * L_gen.
+"""
+
+import logging
+from pathlib import Path
+from typing import Literal
+
+import lightning as L
+import torch
+from transformers import AutoTokenizer
+
+from seed_lightning.config import as_config, to_plain
+from seed_lightning.data.embedding_cache import EmbeddingCache
+from seed_lightning.errors import ConfigError
+from seed_lightning.metrics.gather import gather_objects, merge_by_index
+from seed_lightning.metrics.retrieval import retrieval_recall
+from seed_lightning.models.sd_text_encoder import SDTextEncoder
+from seed_lightning.models.tokenizer import SeedTokenizer, SeedTokenizerConfig
+from seed_lightning.training.losses import contrastive_loss, cosine_reconstruction_loss
+from seed_lightning.training.optim import OptimConfig, build_optimizer, build_scheduler
+from seed_lightning.training.rng import restore_rng_states, save_rng_states
+
+log = logging.getLogger(__name__)
+
+Stage = Literal["contrastive", "codebook"]
+
+
+def locals_without_self(scope: dict) -> dict:
+    return {k: v for k, v in scope.items() if k not in ("self", "__class__")}
+
+
+class TokenizerModule(L.LightningModule):
+    def __init__(
+        self,
+        model: SeedTokenizerConfig,
+        text_tokenizer: str,
+        stage: Stage = "contrastive",
+        init_from: str | None = None,
+        generation_target: str | None = None,
+        optim: OptimConfig | None = None,
+        temperature: float = 0.07,
+        label_smoothing: float = 0.1,
+        max_text_length: int = 32,
+        vq_weight: float = 5.0,
+        recon_weight: float = 2.0,
+        gen_weight: float = 1.0,
+        cache_embeddings: bool = True,
+        cache_dir: str | None = None,
+        export_dir: str | None = None,
+    ):
+        """
+        Args:
+            model: the tokenizer's architecture and the pretrained parts it starts from.
+            text_tokenizer: hub id or folder of the BERT tokenizer of the Q-Former's text branch.
+            stage: "contrastive" (stage 1, ITC) or "codebook" (stage 2, VQ + reconstruction + generation).
+            init_from: stage 2 starts from this stage-1 Lightning checkpoint or exported tokenizer folder.
+            generation_target: Stable Diffusion folder/hub id whose CLIP text encoder gives the L_gen
+                target (stage 2; None disables L_gen).
+            optim: AdamW + warm-up/cosine settings of this stage.
+            temperature: initial ITC temperature (learned, clamped to [0.001, 0.5]).
+            label_smoothing: label smoothing of the ITC cross-entropies.
+            max_text_length: captions are truncated to this many BERT tokens.
+            vq_weight: weight of the codebook loss (stage 2).
+            recon_weight: weight of the causal-embedding reconstruction loss (stage 2).
+            gen_weight: weight of the generation-embedding loss (stage 2).
+            cache_embeddings: stage 2 caches the frozen causal embeddings on disk and reuses them.
+            cache_dir: where the cache lives (default: <run dir>/embedding_cache).
+            export_dir: at the end of fit, the tokenizer (weights + config, no Lightning state) is
+                saved here.
+        """
+        super().__init__()
+        model = as_config(model, SeedTokenizerConfig, "model.model")
+        self.optim_config = as_config(optim, OptimConfig, "model.optim")
+        # Plain data only, so checkpoints load with torch.load(weights_only=True).
+        self.save_hyperparameters(to_plain({**locals_without_self(locals()), "model": model, "optim": self.optim_config}))
+        self.stage = stage
+        self.tokenizer = self._build_tokenizer(model, init_from)
+        self.text_tokenizer = AutoTokenizer.from_pretrained(text_tokenizer)
+        self.temperature = torch.nn.Parameter(torch.tensor(float(temperature)))
+        self.generation_target = None
+        if stage == "codebook" and generation_target is not None and gen_weight > 0:
+            self.generation_target = SDTextEncoder.from_pretrained(generation_target)
+        self._freeze_for_stage()
+        self._cache: EmbeddingCache | None = None
+        self._val_outputs: dict[int, dict] = {}
+
+    # ---- construction -------------------------------------------------------------------------
+    def _build_tokenizer(self, config: SeedTokenizerConfig, init_from: str | None) -> SeedTokenizer:
+        if init_from is None:
+            if self.stage == "codebook":
+                log.warning("stage 'codebook' without init_from: the Q-Former is untrained")
+            return SeedTokenizer.from_config(config)
+        path = Path(init_from)
+        if not path.exists():
+            raise ConfigError(f"model.init_from: {init_from} does not exist; point it at the stage-1 last.ckpt")
+        if path.is_dir():
+            return SeedTokenizer.load(path)
+        tokenizer = SeedTokenizer.from_config(config)
+        state = torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
+        own = {k.removeprefix("tokenizer."): v for k, v in state.items() if k.startswith("tokenizer.")}
+        missing, unexpected = tokenizer.load_state_dict(own, strict=False)
+        if unexpected:
+            raise ConfigError(f"model.init_from: {init_from} does not match the model config ({unexpected[:3]}...)")
+        log.info("initialised from %s (%d tensors not in it: new in this stage)", init_from, len(missing))
+        return tokenizer
+
+    def _freeze_for_stage(self) -> None:
+        t = self.tokenizer
+        if self.stage == "contrastive":
+            trainable = [t.qformer]
+            frozen = [t.encode_task_layer, t.quantizer, t.decode_task_layer, t.recon_head, t.gen_head]
+            self.temperature.requires_grad_(True)
+        elif self.stage == "codebook":
+            trainable = [t.encode_task_layer, t.quantizer, t.decode_task_layer, t.recon_head, t.gen_head]
+            frozen = [t.vision, t.qformer]
+            self.temperature.requires_grad_(False)
+        else:
+            raise ConfigError(f"model.stage must be 'contrastive' or 'codebook', got {self.stage!r}")
+        for module in frozen:
+            module.requires_grad_(False)
+        for module in trainable:
+            module.requires_grad_(True)
+        if self.stage == "codebook":
+            t.vision.eval()
+            t.qformer.eval()
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.stage == "codebook":  # frozen encoders stay in eval mode (dropout off)
+            self.tokenizer.vision.eval()
+            self.tokenizer.qformer.eval()
+        return self
+
+    # ---- helpers ------------------------------------------------------------------------------
+    def _tokenize(self, captions: list[str]) -> dict[str, torch.Tensor]:
+        encoded = self.text_tokenizer(
+            captions, padding="longest", truncation=True, max_length=self.hparams.max_text_length, return_tensors="pt"
+        )
+        return {"input_ids": encoded["input_ids"].to(self.device), "attention_mask": encoded["attention_mask"].to(self.device)}
+
+    def _features(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        qformer = self.tokenizer.qformer
+        causal = self.tokenizer.causal_embeddings(batch["pixel_values"])
+        text = self._tokenize(batch["caption"])
+        text_hidden = qformer.encode_text(text["input_ids"], text["attention_mask"])
+        return qformer.image_features(causal), qformer.text_features(text_hidden)
+
+    def _causal_embeddings(self, batch: dict) -> torch.Tensor:
+        """Frozen causal embeddings, from the disk cache when every key of the batch is in it."""
+        if self._cache is None:
+            with torch.no_grad():
+                return self.tokenizer.causal_embeddings(batch["pixel_values"])
+        cached = self._cache.get(batch["key"])
+        if cached is not None:
+            return cached.to(self.device, torch.float32)
+        with torch.no_grad():
+            causal = self.tokenizer.causal_embeddings(batch["pixel_values"])
+        self._cache.put(batch["key"], causal)
+        return causal.float()
+
+    def _codebook_losses(self, causal: torch.Tensor, captions: list[str]) -> dict[str, torch.Tensor]:
+        t = self.tokenizer
+        quantized = t.quantize(causal)
+        decoded = t.decode_task_layer(quantized.z_q)
+        losses = {
+            "vq": quantized.loss,
+            "recon": cosine_reconstruction_loss(t.recon_head(decoded), causal),
+        }
+        total = self.hparams.vq_weight * losses["vq"] + self.hparams.recon_weight * losses["recon"]
+        if self.generation_target is not None:
+            target = self.generation_target(captions).to(self.device)
+            losses["gen"] = torch.nn.functional.mse_loss(t.gen_head(decoded).float(), target.float())
+            total = total + self.hparams.gen_weight * losses["gen"]
+        losses["loss"] = total
+        losses["codes"] = quantized.codes
+        return losses
+
+    # ---- Lightning hooks ----------------------------------------------------------------------
+    def on_fit_start(self) -> None:
+        if self.stage == "codebook" and self.hparams.cache_embeddings:
+            directory = self.hparams.cache_dir or Path(self.trainer.default_root_dir) / "embedding_cache"
+            self._cache = EmbeddingCache(directory, rank=self.global_rank)
+
+    def on_train_epoch_end(self) -> None:
+        if self._cache is not None:
+            self._cache.flush()
+            self.trainer.strategy.barrier()
+            self._cache.refresh()
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        batch_size = len(batch["caption"])
+        if self.stage == "contrastive":
+            with torch.no_grad():
+                self.temperature.clamp_(0.001, 0.5)
+            image_features, text_features = self._features(batch)
+            loss = contrastive_loss(image_features, text_features, self.temperature, self.hparams.label_smoothing)
+            self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
+            self.log("train/temperature", self.temperature, batch_size=batch_size)
+        else:
+            losses = self._codebook_losses(self._causal_embeddings(batch), batch["caption"])
+            loss = losses["loss"]
+            for name in ("loss", "vq", "recon", "gen"):
+                if name in losses:
+                    self.log(f"train/{name}", losses[name], prog_bar=name == "loss", batch_size=batch_size)
+            usage = self.tokenizer.quantizer.usage(losses["codes"])
+            self.log("train/codebook_perplexity", usage["perplexity"], batch_size=batch_size)
+        datamodule = getattr(self.trainer, "datamodule", None)
+        for reason, count in (getattr(datamodule, "skipped", None) or {}).items():
+            self.log(f"data/skipped_{reason}", float(count), batch_size=batch_size)
+        return loss
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        batch_size = len(batch["caption"])
+        if self.stage == "contrastive":
+            image_features, _ = self._features(batch)
+            captions = [m.get("captions") or [c] for m, c in zip(batch["meta"], batch["caption"])]
+            for index, feature, refs in zip(batch["index"].tolist(), image_features.cpu(), captions):
+                self._val_outputs[index] = {"image": feature, "captions": refs}
+        else:
+            with torch.no_grad():
+                causal = self.tokenizer.causal_embeddings(batch["pixel_values"])
+            losses = self._codebook_losses(causal, batch["caption"])
+            for name in ("loss", "vq", "recon", "gen"):
+                if name in losses:
+                    self.log(f"val/{name}", losses[name], prog_bar=name == "loss", batch_size=batch_size, sync_dist=True)
+            for index, codes in zip(batch["index"].tolist(), losses["codes"].cpu()):
+                self._val_outputs[index] = {"codes": codes}
+
+    def on_validation_epoch_end(self) -> None:
+        outputs = merge_by_index(gather_objects(self._val_outputs))
+        self._val_outputs = {}
+        if not outputs:
+            return
+        rows = [outputs[i] for i in sorted(outputs)]
+        if self.stage == "contrastive":
+            metrics = self._retrieval(rows)
+        else:
+            usage = self.tokenizer.quantizer.usage(torch.stack([r["codes"] for r in rows]))
+            metrics = {"codebook_used_fraction": float(usage["used_fraction"]), "codebook_perplexity": float(usage["perplexity"])}
+        for name, value in metrics.items():
+            # Every rank computed the same merged numbers; no further reduction needed.
+            self.log(f"val/{name}", value, prog_bar=name in ("i2t_R@1", "t2i_R@1"), rank_zero_only=False)
+
+    @torch.no_grad()
+    def _retrieval(self, rows: list[dict]) -> dict[str, float]:
+        """Image<->text recall over the val set, every reference caption of every image a candidate."""
+        texts, owners = [], []
+        for image_index, row in enumerate(rows):
+            texts.extend(row["captions"])
+            owners.extend([image_index] * len(row["captions"]))
+        text_features = []
+        for start in range(0, len(texts), 256):
+            encoded = self._tokenize(texts[start : start + 256])
+            hidden = self.tokenizer.qformer.encode_text(encoded["input_ids"], encoded["attention_mask"])
+            text_features.append(self.tokenizer.qformer.text_features(hidden).float().cpu())
+        image_features = torch.stack([r["image"] for r in rows]).float()
+        similarity = image_features @ torch.cat(text_features).t()
+        return retrieval_recall(similarity, torch.tensor(owners))
+
+    def configure_optimizers(self):
+        optimizer = build_optimizer(self, self.optim_config)
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        return {"optimizer": optimizer, "lr_scheduler": build_scheduler(optimizer, self.optim_config, total)}
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        save_rng_states(checkpoint)
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        restore_rng_states(checkpoint)
+
+    def on_fit_end(self) -> None:
+        if self._cache is not None:
+            self._cache.flush()
+        if self.hparams.export_dir and self.trainer.is_global_zero:
+            self.tokenizer.save(self.hparams.export_dir)
+            log.info("tokenizer saved to %s", self.hparams.export_dir)

@@ -1,0 +1,20 @@
+"""Shared fixtures: the default synthetic data and tiny local models (built once, as `make data` does)."""
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def default_world() -> SimpleNamespace:
+    from seed_lightning.data.synthetic import generate
+    from seed_lightning.tiny_models import build_all
+
+    data, models = REPO / "data" / "synthetic", REPO / "data" / "models"
+    if not (data / "stats.json").exists():
+        generate(data)
+    build_all(data / "corpus.txt", models)  # skips what is already built
+    return SimpleNamespace(repo=REPO, data=data, models=models, shards=data / "shards")

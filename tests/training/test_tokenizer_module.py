@@ -1,0 +1,172 @@
+import lightning as L
+import pytest
+import torch
+
+from seed_lightning.data.datamodule import ShardDataModule, ShardSource
+from seed_lightning.models.causal_qformer import CausalQFormerConfig
+from seed_lightning.models.heads import GenerationHeadConfig, ReconstructionHeadConfig
+from seed_lightning.models.tokenizer import SeedTokenizerConfig
+from seed_lightning.models.vision import VisionEncoderConfig
+from seed_lightning.training.optim import OptimConfig
+from seed_lightning.training.tokenizer_module import TokenizerModule
+
+
+def tiny_config(world, vision_trainable=False) -> SeedTokenizerConfig:
+    blip2 = str(world.models / "tiny-blip2")
+    return SeedTokenizerConfig(
+        vision=VisionEncoderConfig(pretrained=blip2, trainable=vision_trainable),
+        qformer=CausalQFormerConfig(pretrained=blip2),
+        num_codes=64,
+        code_dim=8,
+        recon_head=ReconstructionHeadConfig(depth=1, num_heads=4),
+        gen_head=GenerationHeadConfig(depth=1, num_heads=4, qformer_layers=2, out_dim=64),
+    )
+
+
+def make_module(world, stage="contrastive", **kwargs) -> TokenizerModule:
+    module = TokenizerModule(
+        model=tiny_config(world, kwargs.pop("vision_trainable", False)),
+        text_tokenizer=str(world.models / "bert-tokenizer"),
+        stage=stage,
+        generation_target=str(world.models / "tiny-sd"),
+        optim=OptimConfig(lr=1e-3, min_lr=1e-4, warmup_steps=1),
+        **kwargs,
+    )
+    return module
+
+
+def outside_fit(module: TokenizerModule) -> TokenizerModule:
+    """training_step called directly (no loop): logging has nowhere to go."""
+    module.log = lambda *args, **kwargs: None
+    return module
+
+
+def make_data(world, batch_size=8, samples=32, **kwargs) -> ShardDataModule:
+    return ShardDataModule(
+        train=[ShardSource(urls=str(world.shards / "train-000000.tar"))],
+        val=str(world.shards / "val-000000.tar"),
+        image_size=64,
+        batch_size=batch_size,
+        num_workers=0,
+        samples_per_epoch=samples,
+        shuffle_buffer=16,
+        **kwargs,
+    )
+
+
+def one_batch(world, batch_size=4) -> dict:
+    data = make_data(world, batch_size=batch_size)
+    data.setup("fit")
+    return next(iter(data.train_dataloader()))
+
+
+def optimizer_params(module) -> set[int]:
+    optimizer = module.configure_optimizers()["optimizer"]
+    return {id(p) for group in optimizer.param_groups for p in group["params"]}
+
+
+def trainer(tmp_path, **kwargs) -> L.Trainer:
+    return L.Trainer(
+        accelerator="cpu", default_root_dir=tmp_path, logger=False, enable_progress_bar=False,
+        enable_model_summary=False, deterministic=True, **kwargs,
+    )
+
+
+def test_contrastive_stage_trains_the_qformer_side_only(default_world, tmp_path):
+    module = make_module(default_world)
+    module.trainer = trainer(tmp_path, max_steps=1)
+    tok = module.tokenizer
+    in_optimizer = optimizer_params(module)
+    assert {id(p) for p in tok.qformer.parameters()} <= in_optimizer
+    assert id(module.temperature) in in_optimizer
+    assert {id(p) for p in tok.vision.ln_vision.parameters()} <= in_optimizer
+    frozen = [tok.quantizer, tok.encode_task_layer, tok.recon_head, tok.gen_head]
+    trunk = [p for n, p in tok.vision.named_parameters() if "post_layernorm" not in n]
+    for p in [p for m in frozen for p in m.parameters()] + trunk:
+        assert id(p) not in in_optimizer and not p.requires_grad
+
+    loss = outside_fit(module).training_step(one_batch(default_world), 0)
+    loss.backward()
+    assert all(p.grad is None for p in trunk)
+    assert tok.qformer.query_tokens.grad is not None and tok.qformer.query_tokens.grad.abs().sum() > 0
+    assert module.temperature.grad is not None
+
+
+def test_codebook_stage_freezes_the_encoders_and_trains_codebook_and_heads(default_world, tmp_path):
+    module = make_module(default_world, stage="codebook", cache_embeddings=False)
+    module.trainer = trainer(tmp_path, max_steps=1)
+    tok = module.tokenizer
+    in_optimizer = optimizer_params(module)
+    frozen = list(tok.vision.parameters()) + list(tok.qformer.parameters()) + [module.temperature]
+    assert not {id(p) for p in frozen} & in_optimizer
+    trainable = [tok.encode_task_layer, tok.quantizer, tok.decode_task_layer, tok.recon_head, tok.gen_head]
+    assert {id(p) for m in trainable for p in m.parameters()} <= in_optimizer
+
+    module.train()
+    assert not tok.vision.training and not tok.qformer.training
+    loss = outside_fit(module).training_step(one_batch(default_world), 0)
+    loss.backward()
+    assert all(p.grad is None for p in frozen)
+    assert tok.encode_task_layer[0].weight.grad.abs().sum() > 0  # straight-through reaches the encoder side
+    assert all(p.grad is not None for p in tok.gen_head.parameters() if p.requires_grad)
+    assert tok.quantizer.embedding.weight.grad.abs().sum() > 0
+
+
+def test_codebook_stage_caches_causal_embeddings(default_world, tmp_path):
+    module = make_module(default_world, stage="codebook", cache_dir=str(tmp_path / "cache"))
+    fit = trainer(tmp_path, max_epochs=2, limit_val_batches=0)
+    fit.fit(module, datamodule=make_data(default_world, samples=16))
+    cached = module._cache
+    assert len(cached) > 0
+    batch = one_batch(default_world)
+    keys = [k for k in batch["key"] if k in cached]
+    if keys:
+        index = [batch["key"].index(k) for k in keys]
+        with torch.no_grad():
+            fresh = module.tokenizer.causal_embeddings(batch["pixel_values"][index])
+        assert torch.allclose(cached.get(keys).float(), fresh, atol=2e-3)
+
+
+class LossRecorder(L.Callback):
+    def __init__(self):
+        self.losses, self.keys = [], []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.losses.append(float(outputs["loss"]))
+        self.keys.append(list(batch["key"]))
+
+
+class Crash(L.Callback):
+    """Dies at the start of step `at`, after the checkpoint of the step before: a kill mid-epoch."""
+
+    def __init__(self, at: int):
+        self.at = at
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.at:
+            raise RuntimeError("simulated crash")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", ["contrastive", "codebook"])
+def test_interrupted_and_resumed_fit_reproduces_the_uninterrupted_losses(default_world, tmp_path, stage):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    def run(root, crash_at=None, ckpt_path=None):
+        L.seed_everything(0)
+        recorder = LossRecorder()
+        callbacks = [recorder, ModelCheckpoint(dirpath=root / "ckpt", save_last=True, every_n_train_steps=1)]
+        fit = trainer(root, max_steps=5, limit_val_batches=0, callbacks=callbacks + ([Crash(crash_at)] if crash_at else []))
+        module = make_module(default_world, stage=stage, cache_embeddings=False)
+        try:
+            fit.fit(module, datamodule=make_data(default_world, batch_size=4, samples=12), ckpt_path=ckpt_path)
+        except RuntimeError as error:
+            assert "simulated crash" in str(error)
+        return recorder
+
+    straight = run(tmp_path / "a")
+    first = run(tmp_path / "b", crash_at=2)  # mid-epoch: 3 batches an epoch
+    second = run(tmp_path / "b", ckpt_path=str(tmp_path / "b" / "ckpt" / "last.ckpt"))
+    assert len(straight.losses) == 5 and len(first.losses) == 2
+    assert first.keys + second.keys == straight.keys
+    assert first.losses + second.losses == pytest.approx(straight.losses, rel=1e-5)
