@@ -1,0 +1,156 @@
+"""Shared helpers of the GPU benchmarks: device peak, timing, FLOP counting, result records.
+
+Every benchmark prints one JSON line per measurement (prefixed `RESULT `) and appends it to
+$BENCH_OUT/results.jsonl when BENCH_OUT is set, so RESULTS.md can be filled from one file.
+"""
+
+import json
+import os
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+# The benches run from a checkout: make `seed_lightning` importable without installing it.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+DATASHEET_BF16_PEAK = 989e12
+"""H100/H200 SXM dense bf16 FLOP/s from NVIDIA's datasheet."""
+DATE = "2026-11-27"
+REPO = Path(__file__).resolve().parents[1]
+
+
+def device_name() -> str:
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+
+
+def measured_bf16_peak(size: int = 8192, iters: int = 20) -> float:
+    """bf16 FLOP/s of one large random matmul on this card: the practical MFU ceiling."""
+    a = torch.randn(size, size, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(size, size, device="cuda", dtype=torch.bfloat16)
+    seconds = cuda_time(lambda: a @ b, warmup=3, iters=iters)
+    return 2 * size**3 / seconds
+
+
+def cuda_time(step: Callable[[], object], warmup: int, iters: int) -> float:
+    """Mean seconds per call of `step` after `warmup` calls, with the device synchronised around the loop."""
+    for _ in range(warmup):
+        step()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(iters):
+        step()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - start) / iters
+
+
+def counted_flops(fn: Callable[[], object]) -> int:
+    """FLOPs of the matmuls/convolutions/attention that `fn` runs (torch's FlopCounterMode)."""
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def linear_flops_per_token(model: nn.Module) -> tuple[float, float]:
+    """(training FLOPs per token, matmul params) over every nn.Linear: 6N for trainable weights
+    (forward + input and weight gradients), 4N for frozen ones that still pass gradients through
+    (forward + input gradient). Embedding lookups and attention scores are not counted."""
+    flops = params = 0.0
+    for module in model.modules():
+        if isinstance(module, nn.Linear):
+            n = module.in_features * module.out_features
+            params += n
+            flops += (6 if module.weight.requires_grad else 4) * n
+    return flops, params
+
+
+def mfu_fields(flops_per_sec: float, peak: float) -> dict[str, float]:
+    return {
+        "model_tflops": flops_per_sec / 1e12,
+        "mfu_measured_peak": flops_per_sec / peak,
+        "mfu_datasheet_989": flops_per_sec / DATASHEET_BF16_PEAK,
+    }
+
+
+def peak_memory_gib() -> float:
+    return torch.cuda.max_memory_allocated() / 2**30
+
+
+def reset_memory() -> None:
+    import gc
+
+    gc.collect()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+
+
+def report(bench: str, name: str, **fields) -> dict:
+    record = {"bench": bench, "name": name, "card": device_name(), "date": DATE, **fields}
+    line = json.dumps(record, default=float)
+    print("RESULT " + line, flush=True)
+    out = os.environ.get("BENCH_OUT")
+    if out:
+        with open(Path(out) / "results.jsonl", "a") as handle:
+            handle.write(line + "\n")
+    return record
+
+
+def lightning_trainer(steps: int, callbacks: list, max_epochs: int = -1):
+    """A bf16-mixed single-GPU Trainer with every extra (logging, checkpoints, progress bar) off."""
+    import lightning as L
+
+    return L.Trainer(
+        accelerator="gpu",
+        devices=1,
+        precision="bf16-mixed",
+        max_steps=steps,
+        max_epochs=max_epochs,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        callbacks=callbacks,
+    )
+
+
+class RepeatedBatches(torch.utils.data.Dataset):
+    """`length` batches made by `make(index)`: an in-memory stand-in for the data pipeline, so the
+    benches measure the training step (the pipeline is measured alone in data_pipeline.py)."""
+
+    def __init__(self, make: Callable[[int], dict], length: int):
+        self.make = make
+        self.length = length
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index: int) -> dict:
+        return self.make(index)
+
+
+def loader(make: Callable[[int], dict], length: int) -> torch.utils.data.DataLoader:
+    # batch_size=None: items are whole batches; their tensors are pre-pinned, so H2D copies are async.
+    return torch.utils.data.DataLoader(RepeatedBatches(make, length), batch_size=None, num_workers=0)
+
+
+WORDS = (
+    "a man woman dog cat person group of people standing sitting next to on the in with street table "
+    "red blue green white black small large old young two three field water beach city building car "
+    "train bus bike tree sky grass snow riding playing holding walking looking near front top view photo"
+).split()
+
+
+def random_captions(count: int, generator: torch.Generator, low: int = 10, high: int = 20) -> list[str]:
+    """`count` captions of `low`..`high` common words (CC3M-like length)."""
+    captions = []
+    for _ in range(count):
+        length = int(torch.randint(low, high + 1, (1,), generator=generator))
+        picks = torch.randint(len(WORDS), (length,), generator=generator).tolist()
+        captions.append(" ".join(WORDS[i] for i in picks))
+    return captions

@@ -1,0 +1,178 @@
+"""MLLM at paper shapes: OPT-2.7B (random weights) + 8192 visual tokens + LoRA r16, caption-length samples.
+
+Samples: 10-20 words (13-26 BPE tokens at GPT-2's ~1.3 tokens/word) + <img> 32 codes </img> + BOS/EOS.
+Project: the real MLLMModule (packed rows, block-diagonal causal mask, per-sample positions) under a
+bf16-mixed Lightning Trainer. Baseline (same run, same samples): plain transformers OPTForCausalLM +
+peft LoRA, one sample per row padded to the longest, 2D padding mask, autocast bf16, plain AdamW.
+
+Useful tokens = non-pad tokens. MFU FLOPs per useful token = sum over every nn.Linear of 6 x params
+(trainable: LoRA adapters, LM head) or 4 x params (frozen, gradient passes through); embedding lookups
+and attention scores not counted (< 2% at these lengths).
+
+    python bench/mllm.py --samples 256 --steps 8
+"""
+
+import argparse
+import json
+import random
+import tempfile
+from pathlib import Path
+
+import torch
+
+from common import (
+    REPO, cuda_time, device_name, lightning_trainer, linear_flops_per_token, loader, measured_bf16_peak, mfu_fields,
+    peak_memory_gib, report, reset_memory,
+)
+
+TOKENIZER = str(REPO / "data/models/tiny-opt")
+OPT_2_7B = dict(hidden_size=2560, num_hidden_layers=32, num_attention_heads=32, ffn_dim=10240, word_embed_proj_dim=2560,
+                max_position_embeddings=2048, do_layer_norm_before=True, dropout=0.1, attention_dropout=0.0,
+                activation_function="relu", enable_bias=True, tie_word_embeddings=True, pad_token_id=1,
+                bos_token_id=2, eos_token_id=2)
+VOCAB = 58496  # OPT's 50272 + 8194 visual/marker tokens, rounded up to a multiple of 64
+
+
+def random_opt_folder(directory: Path) -> str:
+    """OPT-2.7B with random weights (bf16 on disk) + the tiny BPE tokenizer, saved with save_pretrained."""
+    from transformers import OPTConfig, OPTForCausalLM
+
+    with torch.device("cuda"):
+        model = OPTForCausalLM(OPTConfig(vocab_size=VOCAB, dtype="bfloat16", **OPT_2_7B)).to(torch.bfloat16)
+    model.save_pretrained(directory)
+    del model
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (directory / name).write_bytes((Path(TOKENIZER) / name).read_bytes())
+    return str(directory)
+
+
+def single_token_words(tokenizer) -> list[str]:
+    """Vocabulary entries that are one token with and without a leading space (caption length = word count)."""
+    words = []
+    for token in tokenizer.get_vocab():
+        word = tokenizer.convert_tokens_to_string([token]).strip()
+        if word.isalpha() and len(tokenizer(" " + word, add_special_tokens=False).input_ids) == 1 \
+                and len(tokenizer(word, add_special_tokens=False).input_ids) == 1:
+            words.append(word)
+    return words
+
+
+def make_batches(words: list[str], samples: int, count: int) -> list[dict]:
+    rng = random.Random(0)
+    batches = []
+    for _ in range(count):
+        captions = [" ".join(rng.choice(words) for _ in range(rng.randint(13, 26))) for _ in range(samples)]
+        codes = torch.randint(8192, (samples, 32), generator=torch.Generator().manual_seed(len(batches)))
+        batches.append({"codes": codes, "caption": captions, "meta": [{} for _ in range(samples)],
+                        "key": [str(i) for i in range(samples)]})
+    return batches
+
+
+def project(folder: str, batches: list[dict], steps: int, warmup: int, peak: float, max_length: int,
+            frozen_bf16: bool, baseline_rate: float) -> None:
+    from seed_lightning.callbacks.throughput import ThroughputCallback
+    from seed_lightning.models.mllm import MultimodalLMConfig
+    from seed_lightning.training.mllm_module import MLLMModule
+
+    reset_memory()
+    module = MLLMModule(MultimodalLMConfig(pretrained=folder), max_length=max_length, packing=True)
+    if frozen_bf16:  # frozen base weights stored in bf16: half the memory, no per-step fp32->bf16 casts
+        for parameter in module.parameters():
+            if not parameter.requires_grad:
+                parameter.data = parameter.data.to(torch.bfloat16)
+    per_token, _ = linear_flops_per_token(module.mllm.model)
+    original_collate = module.collate
+
+    def collate(samples):
+        rows = original_collate(samples)
+        module.bench_tokens = int((rows.segment_ids > 0).sum())
+        module.bench_rows = rows.input_ids.shape
+        return rows
+
+    module.collate = collate
+    module.throughput_counts = lambda batch: (len(batch["caption"]), module.bench_tokens)
+    module.flops_per_token = lambda: per_token
+    meter = ThroughputCallback(peak_flops=peak, log_every_n_steps=steps, skip_first_steps=warmup)
+    reset_memory()
+    lightning_trainer(warmup + steps, [meter]).fit(module, loader(lambda i: batches[i % len(batches)], warmup + steps))
+    rate = meter.history[-1]["tokens_per_sec"]
+    report("mllm", f"project MLLMModule packed L={max_length}{' frozen-bf16' if frozen_bf16 else ''}",
+           useful_tokens_per_sec=rate, samples_per_step=len(batches[0]["caption"]), rows_shape=list(module.bench_rows),
+           gflops_per_token=per_token / 1e9, flops_formula="sum over nn.Linear: 6N trainable, 4N frozen",
+           **mfu_fields(rate * per_token, peak), peak_mem_gib=peak_memory_gib(), ratio_to_baseline=rate / baseline_rate)
+    del module
+
+
+def baseline(folder: str, batches: list[dict], steps: int, warmup: int, peak: float) -> float:
+    import peft
+    from transformers import AutoTokenizer, OPTForCausalLM
+
+    from seed_lightning.data.packing import build_sample, pad_batch
+    from seed_lightning.models.visual_vocab import VisualVocabulary
+
+    reset_memory()
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    visual = VisualVocabulary(8192)
+    visual.add_to(tokenizer)
+    model = OPTForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation="sdpa").cuda()
+    model = peft.get_peft_model(model, peft.LoraConfig(
+        r=16, lora_alpha=32, lora_dropout=0.05, target_modules=["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"],
+        modules_to_save=["embed_tokens", "lm_head"], task_type=peft.TaskType.CAUSAL_LM))
+    model.train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1.5e-4, betas=(0.9, 0.95))
+    per_token, _ = linear_flops_per_token(model)
+    rng = random.Random(0)
+    padded = []
+    for batch in batches:
+        spans = visual.image_span(batch["codes"]).tolist()
+        samples = [build_sample(rng.choice(["t2i", "i2t"]), tokenizer(c, add_special_tokens=False).input_ids, s,
+                                tokenizer.eos_token_id, tokenizer.eos_token_id) for c, s in zip(batch["caption"], spans)]
+        padded.append(pad_batch(samples, tokenizer.pad_token_id))
+    state = {"i": 0}
+
+    def step():
+        rows = padded[state["i"] % len(padded)]
+        state["i"] += 1
+        mask = (rows.segment_ids > 0).cuda(non_blocking=True)
+        with torch.autocast("cuda", torch.bfloat16):
+            loss = model(input_ids=rows.input_ids.cuda(), attention_mask=mask, labels=rows.labels.cuda()).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    seconds = cuda_time(step, warmup=warmup, iters=steps)
+    tokens = sum(int((p.segment_ids > 0).sum()) for p in padded) / len(padded)
+    rate = tokens / seconds
+    report("mllm", "baseline plain HF+peft padded-to-longest", useful_tokens_per_sec=rate,
+           samples_per_step=len(batches[0]["caption"]), rows_shape=list(padded[0].input_ids.shape),
+           pad_fraction=1 - tokens / padded[0].input_ids.numel(), gflops_per_token=per_token / 1e9,
+           **mfu_fields(rate * per_token, peak), peak_mem_gib=peak_memory_gib())
+    del model, optimizer
+    return rate
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--samples", type=int, default=256)
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--max-length", type=int, nargs="+", default=[256, 1024])
+    args = parser.parse_args()
+    from transformers import AutoTokenizer
+
+    peak = measured_bf16_peak()
+    report("mllm", "bf16 matmul peak 8192^3", tflops=peak / 1e12, device=device_name())
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = random_opt_folder(Path(tmp))
+        words = single_token_words(AutoTokenizer.from_pretrained(folder))
+        batches = make_batches(words, args.samples, 4)
+        base = baseline(folder, batches, args.steps, args.warmup, peak)
+        variants = [(length, True) for length in args.max_length] + [(args.max_length[0], False)]
+        for max_length, frozen_bf16 in variants:
+            try:
+                project(folder, batches, args.steps, args.warmup, peak, max_length, frozen_bf16, base)
+            except torch.OutOfMemoryError:
+                report("mllm", f"project L={max_length} frozen_bf16={frozen_bf16}: out of memory")
+
+if __name__ == "__main__":
+    main()
