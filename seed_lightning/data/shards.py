@@ -238,7 +238,7 @@ def decode_image_sample(
         pixel_values = transform(Image.open(io.BytesIO(raw[extension])), rng)
     except _IMAGE_ERRORS:
         raise SkipSample("corrupt_image") from None
-    return {"pixel_values": pixel_values, "caption": caption, "key": raw["__key__"], "meta": meta}
+    return {"pixel_values": pixel_values, "caption": caption, "key": raw["__key__"], "url": raw.get("__url__", ""), "meta": meta}
 
 
 def decode_codes_sample(
@@ -257,7 +257,8 @@ def decode_codes_sample(
     if min(values) < 0:
         raise SkipSample("bad_codes")
     caption, meta = _caption(raw, max_words), _meta(raw)
-    return {"codes": torch.tensor(values, dtype=torch.long), "caption": caption, "key": raw["__key__"], "meta": meta}
+    codes = torch.tensor(values, dtype=torch.long)
+    return {"codes": codes, "caption": caption, "key": raw["__key__"], "url": raw.get("__url__", ""), "meta": meta}
 
 
 def make_decoder(kind: Literal["image", "codes"], transform: ImageTransform, max_words: int) -> SampleDecoder:

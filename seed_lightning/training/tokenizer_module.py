@@ -157,12 +157,14 @@ class TokenizerModule(L.LightningModule):
         if self._cache is None:
             with torch.no_grad():
                 return self.tokenizer.causal_embeddings(batch["pixel_values"])
-        cached = self._cache.get(batch["key"])
+        # Keys repeat across data sets (img2dataset numbers every set from 0): qualify them by shard.
+        keys = [f"{url}#{key}" for url, key in zip(batch["url"], batch["key"])]
+        cached = self._cache.get(keys)
         if cached is not None:
             return cached.to(self.device, torch.float32)
         with torch.no_grad():
             causal = self.tokenizer.causal_embeddings(batch["pixel_values"])
-        self._cache.put(batch["key"], causal)
+        self._cache.put(keys, causal)
         return causal.float()
 
     def _codebook_losses(self, causal: torch.Tensor, captions: list[str]) -> dict[str, torch.Tensor]:

@@ -94,7 +94,7 @@ def test_codes_kind_batches(shards):
     module = make_module(shards, kind="codes", train=[ShardSource(f"{shards}/tok-{{0..1}}.tar")], val=None)
     batch = module.on_after_batch_transfer(next(iter(module.train_dataloader())), 0)
     assert batch["codes"].shape == (3, 32) and batch["codes"].dtype == torch.long
-    assert set(batch) == {"codes", "caption", "key", "meta"}
+    assert set(batch) == {"codes", "caption", "key", "url", "meta"}
     number = batch["meta"][0]["number"]
     assert batch["codes"][0].tolist() == [(number * 7 + i) % 8192 for i in range(32)]
     assert module.val_dataloader() == []

@@ -119,9 +119,11 @@ def test_codebook_stage_caches_causal_embeddings(default_world, tmp_path):
     cached = module._cache
     assert len(cached) > 0
     batch = one_batch(default_world)
-    keys = [k for k in batch["key"] if k in cached]
+    qualified = [f"{url}#{key}" for url, key in zip(batch["url"], batch["key"])]
+    keys = [k for k in qualified if k in cached]
+    assert keys, "the second epoch's batch should be cached"
     if keys:
-        index = [batch["key"].index(k) for k in keys]
+        index = [qualified.index(k) for k in keys]
         with torch.no_grad():
             fresh = module.tokenizer.causal_embeddings(batch["pixel_values"][index])
         assert torch.allclose(cached.get(keys).float(), fresh, atol=2e-3)
