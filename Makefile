@@ -11,6 +11,9 @@ DATA := data/synthetic
 MODELS := data/models
 TOKENIZER_RUN := checkpoints/tokenizer-tiny
 TOKENIZER := $(TOKENIZER_RUN)/seed_tokenizer
+TOKENS := $(DATA)/tokens
+MLLM_RUN := checkpoints/mllm-tiny
+MLLM_CONFIG := conf/mllm/tiny.yaml
 PYTEST_ARGS ?=
 
 help:  ## list the targets
@@ -35,6 +38,7 @@ $(DATA)/.complete: | $(VENV)/.installed
 
 $(MODELS)/.complete: $(DATA)/.complete
 	$(PY) -m seed_lightning.tiny_models --corpus $(DATA)/corpus.txt --out $(MODELS)
+	$(PY) -m seed_lightning.tiny_clip --data $(DATA) --out $(MODELS)/tiny-clip
 	@touch $@
 
 data: $(MODELS)/.complete  ## build the synthetic data set and the tiny local base models
@@ -45,6 +49,36 @@ train-tokenizer: data  ## train the tiny SEED tokenizer (stage 1 then stage 2) o
 	@echo; echo "Tokenizer saved to $(TOKENIZER)"; \
 	 echo "TensorBoard: $(VENV)/bin/tensorboard --logdir $(TOKENIZER_RUN)"
 
+$(TOKENIZER)/model.safetensors: | $(MODELS)/.complete
+	$(MAKE) train-tokenizer
+
+# Redone when the tokenizer changes (--replace-stale drops tokens of the old one); resumes when interrupted.
+$(TOKENS)/.complete: $(TOKENIZER)/model.safetensors $(MLLM_CONFIG)
+	$(SEED) extract-tokens --tokenizer $(TOKENIZER) --shards '$(DATA)/shards/train-*.tar' --out $(TOKENS) \
+	  --prefix train --config $(MLLM_CONFIG) --replace-stale
+	$(SEED) extract-tokens --tokenizer $(TOKENIZER) --shards '$(DATA)/shards/val-*.tar' --out $(TOKENS) \
+	  --prefix val --config $(MLLM_CONFIG) --replace-stale
+	@touch $@
+
+extract-tokens: data $(TOKENS)/.complete  ## encode every image once into token shards (trains the tokenizer if missing)
+
+train-mllm: extract-tokens  ## train the tiny multimodal LM on the token shards (runs train-tokenizer if needed)
+	$(SEED) mllm fit --config $(MLLM_CONFIG) --ckpt_path last
+	@echo; echo "Multimodal LM saved to $(MLLM_RUN)/export (merged/: plain Hugging Face model; adapter/: LoRA, when used)"; \
+	 echo "Try: $(SEED) caption IMAGE   |   $(SEED) vqa IMAGE \"QUESTION\"   |   $(SEED) generate \"CAPTION\" -o out.png"; \
+	 echo "TensorBoard: $(VENV)/bin/tensorboard --logdir $(MLLM_RUN)"
+
+eval-tokenizer: data java  ## evaluate a tokenizer checkpoint: make eval-tokenizer CKPT=path.ckpt
+	@test -n "$(CKPT)" || { echo "usage: make eval-tokenizer CKPT=checkpoints/tokenizer-tiny/codebook/checkpoints/last.ckpt"; exit 2; }
+	$(PY) -m seed_lightning.evaluate tokenizer --ckpt $(CKPT) --config conf/tokenizer/tiny.yaml --config conf/tokenizer/tiny-codebook.yaml
+
+eval-mllm: data java  ## evaluate an MLLM checkpoint: make eval-mllm CKPT=path.ckpt
+	@test -n "$(CKPT)" || { echo "usage: make eval-mllm CKPT=$(MLLM_RUN)/checkpoints/last.ckpt"; exit 2; }
+	$(PY) -m seed_lightning.evaluate mllm --ckpt $(CKPT) --config $(MLLM_CONFIG)
+
+demo-resume: data  ## SIGKILL a tiny run mid-epoch, resume it, print its losses beside an uninterrupted run's
+	$(PY) -m pytest -q -s -p no:cacheprovider tests/e2e/test_demo_resume.py
+
 test: data java  ## run the whole test suite
 	$(PY) -m pytest $(PYTEST_ARGS)
 
@@ -54,4 +88,4 @@ test-fast: data  ## run the tests not marked slow
 clean:  ## remove run outputs (keeps the virtualenv and data)
 	rm -rf checkpoints/*/ lightning_logs
 
-.PHONY: help venv java data train-tokenizer test test-fast clean
+.PHONY: help venv java data train-tokenizer extract-tokens train-mllm eval-tokenizer eval-mllm demo-resume test test-fast clean

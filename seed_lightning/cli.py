@@ -1,0 +1,247 @@
+"""The `seed-lightning` command.
+
+    seed-lightning tokenizer fit -c conf/tokenizer/tiny.yaml [--ckpt_path last]
+    seed-lightning tokenizer validate -c conf/tokenizer/tiny.yaml --ckpt_path PATH
+    seed-lightning extract-tokens --tokenizer DIR --shards PATTERN --out DIR [--prefix train]
+    seed-lightning mllm fit -c conf/mllm/tiny.yaml [--ckpt_path last]
+    seed-lightning caption IMAGE [--mllm DIR] [--tokenizer DIR]
+    seed-lightning vqa IMAGE "QUESTION" [--mllm DIR] [--tokenizer DIR]
+    seed-lightning generate "CAPTION" -o out.png [--mllm DIR] [--tokenizer DIR] [--sd DIR]
+
+`tokenizer` and `mllm` are LightningCLIs over TokenizerModule / MLLMModule + ShardDataModule: every
+YAML key is a typed argument of those classes or of the Trainer (`--help` lists them with their docstrings).
+Errors a user can fix (bad config key, missing path, no GPU, ...) print one line and exit 2.
+"""
+
+import argparse
+import logging
+import os
+import sys
+from argparse import ArgumentError
+
+from seed_lightning.errors import ConfigError, DataError, SeedLightningError
+
+DEFAULT_MLLM = "checkpoints/mllm-tiny/export/merged"
+"""Where `make train-mllm` leaves the merged multimodal LM."""
+DEFAULT_TOKENIZER = "checkpoints/tokenizer-tiny/seed_tokenizer"
+"""Where `make train-tokenizer` leaves the SEED tokenizer."""
+DEFAULT_SD = "data/models/tiny-sd"
+"""The tiny Stable Diffusion folder `make data` builds."""
+
+USAGE = """usage: seed-lightning COMMAND ...
+
+commands:
+  tokenizer {fit,validate} ...   train / evaluate the SEED tokenizer (LightningCLI)
+  extract-tokens ...             encode image shards once into token shards (32 codes per image)
+  mllm {fit,validate} ...        train / evaluate the multimodal LM on token shards (LightningCLI)
+  caption IMAGE                  describe an image with a trained multimodal LM
+  vqa IMAGE "QUESTION"           answer a question about an image
+  generate "CAPTION" -o OUT.png  draw an image for a caption (LM codes -> tokenizer -> Stable Diffusion)
+"""
+
+
+def _run_lightning_cli(model_class, argv: list[str]) -> None:
+    import jsonargparse
+    from lightning.pytorch.cli import LightningCLI
+
+    from seed_lightning.data.datamodule import ShardDataModule
+    from seed_lightning.preflight import format_cli_error, run_preflight
+    from seed_lightning.training.checkpointing import checkpoint_dir, resolve_resume_path
+
+    # Dataclass field docstrings become --help text.
+    jsonargparse.set_parsing_settings(docstring_parse_attribute_docstrings=True)
+
+    class SeedCLI(LightningCLI):
+        def parse_arguments(self, parser, args):
+            try:
+                super().parse_arguments(parser, args)
+            except ArgumentError as exc:
+                raise ConfigError(format_cli_error(exc, parser)) from None
+
+        def before_instantiate_classes(self) -> None:
+            # Before the Trainer exists: Lightning would otherwise fail (or silently change
+            # precision) with its own multi-line messages.
+            trainer = self.config[self.subcommand].trainer
+            run_preflight(
+                trainer.default_root_dir or os.getcwd(), trainer.accelerator, trainer.devices, trainer.precision
+            )
+
+        def before_fit(self) -> None:
+            ckpt_path = self.config_init["fit"].get("ckpt_path")
+            self.config_init["fit"]["ckpt_path"] = resolve_resume_path(ckpt_path, checkpoint_dir(self.trainer))
+
+        def before_validate(self) -> None:
+            ckpt_path = self.config_init["validate"].get("ckpt_path")
+            self.config_init["validate"]["ckpt_path"] = resolve_resume_path(ckpt_path, checkpoint_dir(self.trainer))
+
+    SeedCLI(
+        model_class,
+        ShardDataModule,
+        args=argv,
+        save_config_kwargs={"overwrite": True},
+        auto_configure_optimizers=False,
+        parser_kwargs={"exit_on_error": False},
+    )
+
+
+def _inference_parser(command: str, description: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=f"seed-lightning {command}", description=description)
+    parser.add_argument("--mllm", default=DEFAULT_MLLM, help="folder of a saved MultimodalLM (merged or adapter)")
+    parser.add_argument("--tokenizer", default=DEFAULT_TOKENIZER,
+                        help="folder of the SeedTokenizer it was trained with")
+    parser.add_argument("--device", default="cuda" if _cuda_available() else "cpu", help="torch device")
+    return parser
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _load_models(args: argparse.Namespace):
+    """(MultimodalLM, SeedTokenizer) on args.device, in eval mode; one-line errors for missing folders."""
+    from transformers.utils import logging as transformers_logging
+
+    from seed_lightning.models.mllm import MultimodalLM
+    from seed_lightning.models.tokenizer import SeedTokenizer
+
+    for option, path in (("--mllm", args.mllm), ("--tokenizer", args.tokenizer)):
+        if not os.path.isdir(path):
+            raise ConfigError(f"{option} {path} does not exist; train first (make train-mllm) or pass {option} DIR")
+    transformers_logging.disable_progress_bar()  # the answer is the only output
+    mllm = MultimodalLM.load(args.mllm).to(args.device).eval()
+    tokenizer = SeedTokenizer.load(args.tokenizer, map_location=args.device).eval()
+    if tokenizer.config.num_codes != mllm.config.num_visual_codes:
+        raise ConfigError(f"the tokenizer {args.tokenizer} has {tokenizer.config.num_codes} codes but the LM "
+                          f"{args.mllm} knows {mllm.config.num_visual_codes}; pass the tokenizer it was trained with")
+    return mllm, tokenizer
+
+
+def _read_image(path: str):
+    """The decoded PIL image at `path` (DataError when it cannot be read as an image)."""
+    from PIL import Image
+
+    try:
+        image = Image.open(path)
+        image.load()
+    except (OSError, ValueError, SyntaxError, EOFError) as error:  # UnidentifiedImageError is an OSError
+        raise DataError(f"cannot read image {path!r} ({error.__class__.__name__}: {error}); "
+                        "pass a JPEG/PNG/WebP file") from None
+    return image
+
+
+def _image_codes(tokenizer, image):
+    """Codes [1, 32] of one PIL image."""
+    return tokenizer.encode(tokenizer.preprocess([image]).to(next(tokenizer.parameters()).device))
+
+
+def _non_empty(text: str, what: str) -> str:
+    if not text.strip():
+        raise ConfigError(f"the {what} is empty; pass some text in quotes")
+    return text.strip()
+
+
+def _caption_command(argv: list[str]) -> None:
+    parser = _inference_parser("caption", "Describe an image with a trained SEED multimodal LM.")
+    parser.add_argument("image", help="image file")
+    parser.add_argument("--max-new-tokens", type=int, default=30)
+    parser.add_argument("--num-beams", type=int, default=1)
+    args = parser.parse_args(argv)
+    image = _read_image(args.image)
+    mllm, tokenizer = _load_models(args)
+    print(mllm.caption(_image_codes(tokenizer, image), args.max_new_tokens, args.num_beams)[0])
+
+
+def _vqa_command(argv: list[str]) -> None:
+    parser = _inference_parser("vqa", "Answer a question about an image with a trained SEED multimodal LM.")
+    parser.add_argument("image", help="image file")
+    parser.add_argument("question", help="the question, in quotes")
+    parser.add_argument("--max-new-tokens", type=int, default=10)
+    parser.add_argument("--num-beams", type=int, default=5)
+    args = parser.parse_args(argv)
+    question = _non_empty(args.question, "question")
+    image = _read_image(args.image)
+    mllm, tokenizer = _load_models(args)
+    print(mllm.answer(_image_codes(tokenizer, image), [question], args.max_new_tokens, args.num_beams)[0])
+
+
+def _generate_command(argv: list[str]) -> None:
+    parser = _inference_parser("generate", "Draw an image for a caption: LM codes -> generation embeddings -> SD.")
+    parser.add_argument("caption", help="the caption, in quotes")
+    parser.add_argument("-o", "--output", required=True, help="output image file (e.g. out.png)")
+    parser.add_argument("--sd", default=DEFAULT_SD, help="Stable Diffusion folder or hub id (UNet, VAE, scheduler)")
+    parser.add_argument("--steps", type=int, default=50, help="denoising steps")
+    parser.add_argument("--guidance-scale", type=float, default=7.5)
+    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of the 32 codes")
+    parser.add_argument("--top-k", type=int, default=None, help="sample codes among the k most likely")
+    args = parser.parse_args(argv)
+    caption = _non_empty(args.caption, "caption")
+    output_dir = os.path.dirname(os.path.abspath(args.output))
+    if not os.path.isdir(output_dir):
+        raise ConfigError(f"the folder of -o {args.output} does not exist; create it or choose another path")
+    # A hub id is "owner/name"; anything else that does not exist is a wrong local path.
+    if not os.path.exists(args.sd) and (args.sd.startswith((".", "/")) or args.sd.count("/") != 1):
+        raise ConfigError(f"--sd {args.sd} does not exist; run make data or pass a Stable Diffusion folder/hub id")
+    import torch
+
+    from seed_lightning.models.image_decoder import ImageDecoder
+
+    mllm, tokenizer = _load_models(args)
+    codes = mllm.generate_image_codes([caption], args.temperature, args.top_k, args.seed)
+    with torch.no_grad():
+        embeddings = tokenizer.decode(codes.to(args.device))
+    decoder = ImageDecoder.from_pretrained(args.sd, num_inference_steps=args.steps,
+                                           guidance_scale=args.guidance_scale, seed=args.seed)
+    decoder(embeddings)[0].save(args.output)
+    print(f"image saved to {args.output} (codes: {' '.join(map(str, codes[0].tolist()))})")
+
+
+def _configure_logging() -> None:
+    # Only our own logger: Lightning already prints its messages through its own handler.
+    logger = logging.getLogger("seed_lightning")
+    if not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(os.environ.get("SEED_LOG_LEVEL", "INFO"))
+        logger.propagate = False
+
+
+INFERENCE_COMMANDS = {"caption": _caption_command, "vqa": _vqa_command, "generate": _generate_command}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    _configure_logging()
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE)
+        return 0
+    command, rest = argv[0], argv[1:]
+    try:
+        if command == "tokenizer":
+            from seed_lightning.training.tokenizer_module import TokenizerModule
+
+            _run_lightning_cli(TokenizerModule, rest)
+        elif command == "mllm":
+            from seed_lightning.training.mllm_module import MLLMModule
+
+            _run_lightning_cli(MLLMModule, rest)
+        elif command == "extract-tokens":
+            from seed_lightning import extract
+
+            extract.main(rest)
+        elif command in INFERENCE_COMMANDS:
+            INFERENCE_COMMANDS[command](rest)
+        else:
+            print(f"seed-lightning: unknown command {command!r}\n{USAGE}", file=sys.stderr)
+            return 2
+    except SeedLightningError as error:
+        print(f"seed-lightning: error: {error}", file=sys.stderr)
+        return getattr(error, "exit_code", 2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
