@@ -51,6 +51,7 @@ class TokenizerModule(L.LightningModule):
         vq_weight: float = 5.0,
         recon_weight: float = 2.0,
         gen_weight: float = 1.0,
+        codebook_init: Literal["uniform", "data"] = "uniform",
         cache_embeddings: bool = True,
         cache_dir: str | None = None,
         export_dir: str | None = None,
@@ -70,6 +71,9 @@ class TokenizerModule(L.LightningModule):
             vq_weight: weight of the codebook loss (stage 2).
             recon_weight: weight of the causal-embedding reconstruction loss (stage 2).
             gen_weight: weight of the generation-embedding loss (stage 2).
+            codebook_init: "uniform" keeps the reference U(-1/K, 1/K) codebook init; "data" sets the rows
+                to encoder outputs of the first stage-2 batch (rank 0's, broadcast), which avoids most
+                dead codes when data is small.
             cache_embeddings: stage 2 caches the frozen causal embeddings on disk and reuses them.
             cache_dir: where the cache lives (default: <run dir>/embedding_cache).
             export_dir: at the end of fit, the tokenizer (weights + config, no Lightning state) is
@@ -88,6 +92,8 @@ class TokenizerModule(L.LightningModule):
         if stage == "codebook" and generation_target is not None and gen_weight > 0:
             self.generation_target = SDTextEncoder.from_pretrained(generation_target)
         self._freeze_for_stage()
+        # A buffer, so a resumed run does not initialise the codebook a second time.
+        self.register_buffer("codebook_initialized", torch.tensor(codebook_init == "uniform"))
         self._cache: EmbeddingCache | None = None
         self._val_outputs: dict[int, dict] = {}
 
@@ -167,6 +173,20 @@ class TokenizerModule(L.LightningModule):
         self._cache.put(keys, causal)
         return causal.float()
 
+    @torch.no_grad()
+    def _init_codebook_from(self, causal: torch.Tensor) -> None:
+        quantizer = self.tokenizer.quantizer
+        z = self.tokenizer.encode_task_layer(causal).reshape(-1, quantizer.code_dim).float()
+        generator = torch.Generator(device="cpu").manual_seed(0)
+        rows = torch.randint(len(z), (quantizer.num_codes,), generator=generator).to(z.device)
+        if len(z) >= quantizer.num_codes:
+            rows = torch.randperm(len(z), generator=generator)[: quantizer.num_codes].to(z.device)
+        # Repeated rows get a little noise so that they can drift apart.
+        weight = z[rows] + 1e-3 * z.std() * torch.randn(quantizer.num_codes, quantizer.code_dim, generator=generator).to(z.device)
+        weight = self.trainer.strategy.broadcast(weight, src=0)
+        quantizer.embedding.weight.copy_(weight.to(quantizer.embedding.weight.dtype))
+        self.codebook_initialized.fill_(True)
+
     def _codebook_losses(self, causal: torch.Tensor, captions: list[str]) -> dict[str, torch.Tensor]:
         t = self.tokenizer
         quantized = t.quantize(causal)
@@ -206,7 +226,10 @@ class TokenizerModule(L.LightningModule):
             self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
             self.log("train/temperature", self.temperature, batch_size=batch_size)
         else:
-            losses = self._codebook_losses(self._causal_embeddings(batch), batch["caption"])
+            causal = self._causal_embeddings(batch)
+            if not self.codebook_initialized:
+                self._init_codebook_from(causal)
+            losses = self._codebook_losses(causal, batch["caption"])
             loss = losses["loss"]
             for name in ("loss", "vq", "recon", "gen"):
                 if name in losses:

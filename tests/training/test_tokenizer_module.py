@@ -172,3 +172,21 @@ def test_interrupted_and_resumed_fit_reproduces_the_uninterrupted_losses(default
     assert len(straight.losses) == 5 and len(first.losses) == 2
     assert first.keys + second.keys == straight.keys
     assert first.losses + second.losses == pytest.approx(straight.losses, rel=1e-5)
+
+
+def test_data_init_spreads_the_first_batch_over_many_codes(default_world, tmp_path):
+    batch = one_batch(default_world, batch_size=8)
+    used = {}
+    for init in ("uniform", "data"):
+        torch.manual_seed(0)
+        module = outside_fit(make_module(default_world, stage="codebook", cache_embeddings=False, codebook_init=init))
+        module.trainer = trainer(tmp_path, max_steps=1)
+        assert bool(module.codebook_initialized) == (init == "uniform")
+        module.training_step(batch, 0)
+        assert bool(module.codebook_initialized)
+        with torch.no_grad():
+            codes = module.tokenizer.encode(batch["pixel_values"])
+        used[init] = len(codes.unique())
+    assert used["data"] >= 2 * used["uniform"]
+    # The flag travels in the state dict, so a resumed run keeps its trained codebook.
+    assert "codebook_initialized" in module.state_dict()
