@@ -17,6 +17,7 @@ import argparse
 import logging
 import os
 import sys
+import warnings
 from argparse import ArgumentError
 
 from seed_lightning.errors import ConfigError, DataError, SeedLightningError
@@ -212,9 +213,19 @@ def _configure_logging() -> None:
 INFERENCE_COMMANDS = {"caption": _caption_command, "vqa": _vqa_command, "generate": _generate_command}
 
 
+# Lightning warnings that are expected here and would only alarm users.
+_EXPECTED_WARNINGS = [
+    r".*module\(s\) in eval mode.*",  # the frozen towers are in eval mode on purpose
+    r".*`IterableDataset` has `__len__` defined.*",  # ShardDataModule's streams split workers exactly
+    r".*isinstance\(treespec, LeafSpec\).*",  # a torch deprecation inside Lightning
+]
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     _configure_logging()
+    for pattern in _EXPECTED_WARNINGS:
+        warnings.filterwarnings("ignore", message=pattern)
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE)
         return 0

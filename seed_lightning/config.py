@@ -52,3 +52,9 @@ def to_plain(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return type(value)(to_plain(v) for v in value)
     return value
+
+
+def plain_hyperparameters(init_locals: dict, **configs: Any) -> dict:
+    """A LightningModule's __init__ arguments (its `locals()`), with the given typed configs, as plain data."""
+    arguments = {k: v for k, v in init_locals.items() if k not in ("self", "__class__")}
+    return to_plain({**arguments, **configs})

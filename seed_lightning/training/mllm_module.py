@@ -24,6 +24,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 
+from seed_lightning.config import as_config, plain_hyperparameters
 from seed_lightning.data.coco import read_vqa
 from seed_lightning.data.packing import IGNORE_INDEX, PackedBatch, build_sample, pack_samples, pad_batch
 from seed_lightning.data.text import clean_caption
@@ -31,6 +32,7 @@ from seed_lightning.errors import ConfigError
 from seed_lightning.models.mllm import MultimodalLM, MultimodalLMConfig
 from seed_lightning.models.tokenizer import SeedTokenizer
 from seed_lightning.training.optim import OptimConfig, build_optimizer, build_scheduler
+from seed_lightning.training.rng import restore_rng_states, save_rng_states
 
 log = logging.getLogger(__name__)
 
@@ -115,14 +117,17 @@ class MLLMModule(L.LightningModule):
                 saved here.
         """
         super().__init__()
-        self.save_hyperparameters()
-        model = model or MultimodalLMConfig()
+        model = as_config(model, MultimodalLMConfig, "model.model")
+        optim = as_config(optim, OptimConfig, "model.optim") if optim is not None else mllm_optim_config()
+        vqa_train = as_config(vqa_train, VQATrainMix, "model.vqa_train") if vqa_train is not None else None
+        # Plain data only, so checkpoints load with torch.load(weights_only=True).
+        self.save_hyperparameters(plain_hyperparameters(locals(), model=model, optim=optim, vqa_train=vqa_train))
         if not 0 <= p_image_to_text <= 1:
             raise ConfigError(f"model.p_image_to_text must be in [0, 1], got {p_image_to_text}")
         if max_length < model.tokens_per_image + 4:
             raise ConfigError(f"model.max_length={max_length} cannot hold one image span "
                               f"({model.tokens_per_image} codes + markers); raise it (e.g. 256)")
-        self.optim_config = optim or mllm_optim_config()
+        self.optim_config = optim
         self.seed_tokenizer = self._load_seed_tokenizer(tokenizer, model) if tokenizer else None
         self.mllm = MultimodalLM(model).train()  # from_pretrained returns eval mode; training wants dropout on
         self.vqa_by_image = self._load_vqa(vqa_train) if vqa_train is not None else {}
@@ -292,10 +297,12 @@ class MLLMModule(L.LightningModule):
         state = checkpoint["state_dict"]
         for name in [name for name in state if name.startswith(SEED_TOKENIZER_PREFIX)]:
             del state[name]
+        save_rng_states(checkpoint)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         if self.seed_tokenizer is not None:
             checkpoint["state_dict"].update(self.seed_tokenizer.state_dict(prefix=SEED_TOKENIZER_PREFIX))
+        restore_rng_states(checkpoint)
 
     def on_fit_end(self) -> None:
         export_dir = self.hparams.export_dir

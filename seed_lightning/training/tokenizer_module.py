@@ -16,7 +16,7 @@ import lightning as L
 import torch
 from transformers import AutoTokenizer
 
-from seed_lightning.config import as_config, to_plain
+from seed_lightning.config import as_config, plain_hyperparameters
 from seed_lightning.data.embedding_cache import EmbeddingCache
 from seed_lightning.errors import ConfigError
 from seed_lightning.metrics.gather import gather_objects, merge_by_index
@@ -30,10 +30,6 @@ from seed_lightning.training.rng import restore_rng_states, save_rng_states
 log = logging.getLogger(__name__)
 
 Stage = Literal["contrastive", "codebook"]
-
-
-def locals_without_self(scope: dict) -> dict:
-    return {k: v for k, v in scope.items() if k not in ("self", "__class__")}
 
 
 class TokenizerModule(L.LightningModule):
@@ -83,7 +79,7 @@ class TokenizerModule(L.LightningModule):
         model = as_config(model, SeedTokenizerConfig, "model.model")
         self.optim_config = as_config(optim, OptimConfig, "model.optim")
         # Plain data only, so checkpoints load with torch.load(weights_only=True).
-        self.save_hyperparameters(to_plain({**locals_without_self(locals()), "model": model, "optim": self.optim_config}))
+        self.save_hyperparameters(plain_hyperparameters(locals(), model=model, optim=self.optim_config))
         self.stage = stage
         self.tokenizer = self._build_tokenizer(model, init_from)
         self.text_tokenizer = AutoTokenizer.from_pretrained(text_tokenizer)

@@ -6,6 +6,7 @@ Uses the tiny OPT and tiny BLIP-2 folders that `make data` builds (random weight
 import json
 import random
 
+import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
@@ -19,6 +20,8 @@ from seed_lightning.models.tokenizer import SeedTokenizer, SeedTokenizerConfig
 from seed_lightning.models.vision import VisionEncoderConfig
 from seed_lightning.training.mllm_module import SEED_TOKENIZER_PREFIX, MLLMModule, VQATrainMix, token_losses
 from seed_lightning.training.optim import build_optimizer
+
+pytestmark = pytest.mark.usefixtures("default_world")  # the tiny model folders below
 
 TINY_OPT = "data/models/tiny-opt"
 TINY_BLIP2 = "data/models/tiny-blip2"
@@ -192,3 +195,60 @@ def test_checkpoints_leave_out_the_frozen_image_tokenizer(tokenizer_dir):
     assert not any(name.startswith(SEED_TOKENIZER_PREFIX) for name in checkpoint["state_dict"])
     module.on_load_checkpoint(checkpoint)
     module.load_state_dict(checkpoint["state_dict"], strict=True)
+
+
+class LossRecorder(L.Callback):
+    def __init__(self):
+        self.losses, self.keys = [], []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.losses.append(float(outputs["loss"]))
+        self.keys.append(list(batch["key"]))
+
+
+class Crash(L.Callback):
+    """Dies at the start of step `at`, after the checkpoint of the step before: a kill mid-epoch."""
+
+    def __init__(self, at: int):
+        self.at = at
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.at:
+            raise RuntimeError("simulated crash")
+
+
+@pytest.mark.slow
+def test_interrupted_and_resumed_fit_reproduces_the_uninterrupted_losses(tmp_path):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from seed_lightning.data.datamodule import ShardDataModule, ShardSource
+    from seed_lightning.data.tokens import TokenShardWriter
+
+    generator = torch.Generator().manual_seed(0)
+    with TokenShardWriter(tmp_path / "tokens", prefix="train", maxcount=100) as writer:
+        for i in range(24):
+            writer.write(f"{i:06d}", torch.randint(0, NUM_CODES, (32,), generator=generator), CAPTIONS[i % 4])
+
+    def run(root, crash_at=None, ckpt_path=None):
+        L.seed_everything(0)
+        recorder = LossRecorder()
+        callbacks = [recorder, ModelCheckpoint(dirpath=root / "ckpt", save_last=True, every_n_train_steps=1)]
+        trainer = L.Trainer(
+            accelerator="cpu", max_steps=5, limit_val_batches=0, logger=False, enable_progress_bar=False,
+            enable_model_summary=False, deterministic=True, default_root_dir=root,
+            callbacks=callbacks + ([Crash(crash_at)] if crash_at else []),
+        )
+        data = ShardDataModule(train=[ShardSource(urls=str(tmp_path / "tokens" / "train-000000.tar"))], kind="codes",
+                               batch_size=4, num_workers=0, samples_per_epoch=12, shuffle_buffer=8)
+        try:
+            trainer.fit(make_module(max_length=128), datamodule=data, ckpt_path=ckpt_path)
+        except RuntimeError as error:
+            assert "simulated crash" in str(error)
+        return recorder
+
+    straight = run(tmp_path / "a")
+    first = run(tmp_path / "b", crash_at=2)  # mid-epoch: 3 batches an epoch
+    second = run(tmp_path / "b", ckpt_path=str(tmp_path / "b" / "ckpt" / "last.ckpt"))
+    assert len(straight.losses) == 5 and len(first.losses) == 2
+    assert first.keys + second.keys == straight.keys
+    assert first.losses + second.losses == pytest.approx(straight.losses, rel=1e-5)
