@@ -1,83 +1,27 @@
-"""Caption metrics on validation (BLEU-1..4, METEOR, ROUGE-L, CIDEr-D), plus the rank-0 scoring helpers
-shared by the evaluation callbacks.
+"""Caption metrics on validation (BLEU-1..4, METEOR, ROUGE-L, CIDEr-D), scored once on rank 0
+(see `seed_lightning.callbacks.validation` for the DDP pattern)."""
 
-Every evaluation callback follows one pattern so that DDP gives the same numbers as one process:
-each rank keeps ``{val index: prediction}``; at epoch end the dicts of all ranks are gathered and
-merged by index (sampler padding never counts twice), rank 0 scores and writes result files, and the
-metrics are broadcast so that every rank logs the same values.
-"""
-
-from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import lightning as L
-from lightning.pytorch.trainer.states import TrainerFn
 
-from seed_lightning.errors import ConfigError
+from seed_lightning.callbacks.validation import (
+    add_to_tensorboard,
+    check_positive,
+    evaluates_now,
+    merge_ranks,
+    publish,
+    require_attribute,
+    results_dir,
+)
 from seed_lightning.metrics.captions import check_java, score_captions, write_coco_results
-from seed_lightning.metrics.gather import gather_objects, merge_by_index
-
-T = TypeVar("T")
 
 CAPTION_METRIC_NAMES = {"Bleu_1": "BLEU_1", "Bleu_2": "BLEU_2", "Bleu_3": "BLEU_3", "Bleu_4": "BLEU_4",
                         "METEOR": "METEOR", "ROUGE_L": "ROUGE_L", "CIDEr": "CIDEr"}
 """pycocoevalcap's score names -> the names logged under val/."""
 
 
-# ---- helpers shared by the evaluation callbacks ----------------------------------------------------
-def results_dir(trainer: L.Trainer) -> Path:
-    """Where result files go: the logger's run folder, else the trainer's default_root_dir."""
-    return Path(trainer.log_dir or trainer.default_root_dir)
-
-
-def evaluates_now(trainer: L.Trainer, every_n_epochs: int) -> bool:
-    """True for trainer.validate, and in fit for every `every_n_epochs`-th epoch (never in the sanity check)."""
-    if trainer.sanity_checking:
-        return False
-    return trainer.state.fn == TrainerFn.VALIDATING or (trainer.current_epoch + 1) % every_n_epochs == 0
-
-
-def merge_ranks(outputs: Mapping[int, T]) -> dict[int, T]:
-    """Every rank's ``{val index: output}`` merged into one dict (a collective: call on all ranks)."""
-    return merge_by_index(gather_objects(dict(outputs)))
-
-
-def publish(
-    trainer: L.Trainer, pl_module: L.LightningModule, metrics: dict[str, float] | None, prog_bar: tuple[str, ...] = ()
-) -> dict[str, float]:
-    """Broadcast rank 0's `metrics` and log them on every rank (TensorBoard + progress bar for `prog_bar`)."""
-    metrics = trainer.strategy.broadcast(metrics, src=0) or {}
-    for name, value in metrics.items():
-        pl_module.log(name, float(value), prog_bar=name in prog_bar, rank_zero_only=False)
-    return metrics
-
-
-def add_to_tensorboard(trainer: L.Trainer, kind: str, tag: str, value: Any) -> None:
-    """`experiment.add_text` / `add_image` on every logger that has it (rank 0 only: loggers write there)."""
-    if not trainer.is_global_zero:
-        return
-    for logger in trainer.loggers:
-        writer = getattr(getattr(logger, "experiment", None), f"add_{kind}", None)
-        if writer is not None:
-            writer(tag, value, global_step=trainer.global_step)
-
-
-def require_attribute(pl_module: L.LightningModule, name: str, callback: str) -> Any:
-    module = getattr(pl_module, name, None)
-    if module is None:
-        raise ConfigError(f"{callback} needs a LightningModule with a `.{name}` attribute; "
-                          f"{type(pl_module).__name__} has none: remove the callback from this config")
-    return module
-
-
-def check_positive(**values: int | None) -> None:
-    for name, value in values.items():
-        if value is not None and value < 1:
-            raise ConfigError(f"{name} must be >= 1, got {value}")
-
-
-# ---- the callback ---------------------------------------------------------------------------------
 class CaptionMetricsCallback(L.Callback):
     """Captions the val images of an MLLM module (``pl_module.mllm.caption`` on ``batch["codes"]``) and
     scores them against each image's references (``meta["captions"]``) with pycocoevalcap.

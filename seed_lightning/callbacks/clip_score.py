@@ -18,7 +18,7 @@ import lightning as L
 import torch
 from PIL import Image
 
-from seed_lightning.callbacks.captions import (
+from seed_lightning.callbacks.validation import (
     add_to_tensorboard,
     check_positive,
     evaluates_now,

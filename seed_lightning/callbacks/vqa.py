@@ -6,7 +6,7 @@ from typing import Any
 
 import lightning as L
 
-from seed_lightning.callbacks.captions import (
+from seed_lightning.callbacks.validation import (
     check_positive,
     evaluates_now,
     merge_ranks,

@@ -8,7 +8,7 @@ import torch
 from torch.utils.data import DataLoader
 from lightning.pytorch.loggers import TensorBoardLogger
 
-from seed_lightning.callbacks import captions as captions_callback
+from seed_lightning.callbacks import validation as validation_callbacks
 from seed_lightning.callbacks.captions import CaptionMetricsCallback
 from seed_lightning.errors import ConfigError
 from seed_lightning.metrics import captions as caption_metrics
@@ -73,7 +73,7 @@ def test_two_ranks_merge_without_duplicates_and_score_like_pycocoevalcap(tmp_pat
         4: {"image_id": 104, "caption": IMAGES[4][0], "references": IMAGES[4][1]},
         0: {"image_id": 100, "caption": "padding duplicate", "references": IMAGES[0][1]},
     }
-    monkeypatch.setattr(captions_callback, "gather_objects", lambda local: [local, rank1])
+    monkeypatch.setattr(validation_callbacks, "gather_objects", lambda local: [local, rank1])
     module = CaptioningModule()
     callback = CaptionMetricsCallback(num_beams=2, max_new_tokens=7)
     trainer = make_trainer(tmp_path, callbacks=[callback])

@@ -8,7 +8,7 @@ import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch.utils.data import DataLoader
 
-from seed_lightning.callbacks import captions as captions_callback
+from seed_lightning.callbacks import validation as validation_callbacks
 from seed_lightning.callbacks.vqa import VQAAccuracyCallback
 from seed_lightning.errors import DataError
 from seed_lightning.metrics.vqa import majority_answer_baseline, vqa_accuracy
@@ -83,7 +83,7 @@ def test_accuracy_equals_the_official_rule_on_tricky_answers(tmp_path, monkeypat
     question_file, annotation_file, annotations = write_vqa_files(tmp_path)
     # Simulated rank 1 answered image 103 (index 3) and, as sampler padding, image 100 again (index 0).
     rank1 = {3: {6: "dont know"}, 0: {1: "wrong", 2: "wrong"}}
-    monkeypatch.setattr(captions_callback, "gather_objects", lambda local: [local, rank1])
+    monkeypatch.setattr(validation_callbacks, "gather_objects", lambda local: [local, rank1])
     callback = VQAAccuracyCallback(str(question_file), str(annotation_file), train_annotations=str(annotation_file))
     results, module = validate(tmp_path, callback, make_batch([100, 101], [0, 1]), make_batch([102, 999], [2, 4]))
 

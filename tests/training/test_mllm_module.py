@@ -8,6 +8,7 @@ import random
 
 import lightning as L
 import pytest
+from resume_helpers import Crash, LossRecorder
 import torch
 import torch.nn.functional as F
 
@@ -195,26 +196,6 @@ def test_checkpoints_leave_out_the_frozen_image_tokenizer(tokenizer_dir):
     assert not any(name.startswith(SEED_TOKENIZER_PREFIX) for name in checkpoint["state_dict"])
     module.on_load_checkpoint(checkpoint)
     module.load_state_dict(checkpoint["state_dict"], strict=True)
-
-
-class LossRecorder(L.Callback):
-    def __init__(self):
-        self.losses, self.keys = [], []
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        self.losses.append(float(outputs["loss"]))
-        self.keys.append(list(batch["key"]))
-
-
-class Crash(L.Callback):
-    """Dies at the start of step `at`, after the checkpoint of the step before: a kill mid-epoch."""
-
-    def __init__(self, at: int):
-        self.at = at
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        if trainer.global_step == self.at:
-            raise RuntimeError("simulated crash")
 
 
 @pytest.mark.slow

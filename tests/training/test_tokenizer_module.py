@@ -1,5 +1,6 @@
 import lightning as L
 import pytest
+from resume_helpers import Crash, LossRecorder
 import torch
 
 from seed_lightning.data.datamodule import ShardDataModule, ShardSource
@@ -127,26 +128,6 @@ def test_codebook_stage_caches_causal_embeddings(default_world, tmp_path):
         with torch.no_grad():
             fresh = module.tokenizer.causal_embeddings(batch["pixel_values"][index])
         assert torch.allclose(cached.get(keys).float(), fresh, atol=2e-3)
-
-
-class LossRecorder(L.Callback):
-    def __init__(self):
-        self.losses, self.keys = [], []
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        self.losses.append(float(outputs["loss"]))
-        self.keys.append(list(batch["key"]))
-
-
-class Crash(L.Callback):
-    """Dies at the start of step `at`, after the checkpoint of the step before: a kill mid-epoch."""
-
-    def __init__(self, at: int):
-        self.at = at
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        if trainer.global_step == self.at:
-            raise RuntimeError("simulated crash")
 
 
 @pytest.mark.slow

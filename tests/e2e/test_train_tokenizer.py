@@ -1,0 +1,87 @@
+"""End to end: the tiny default tokenizer config, both stages through the CLI (as `make train-tokenizer`
+runs them, outputs redirected to a temporary folder), then retrieval computed here from the exported
+tokenizer: learning must have happened."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from seed_lightning.data.datamodule import ShardDataModule
+from seed_lightning.metrics.retrieval import retrieval_recall
+from seed_lightning.models.tokenizer import SeedTokenizer
+
+
+def overlay(run: Path, stage: str) -> str:
+    stage_dir = run / stage
+    extra = ""
+    if stage == "codebook":
+        extra = f"""
+model:
+  init_from: {run}/contrastive/checkpoints/last.ckpt
+  export_dir: {run}/seed_tokenizer
+  cache_dir: {run}/cache
+trainer:
+  max_epochs: 1
+"""
+    return f"""
+trainer:
+  default_root_dir: {stage_dir}
+  enable_progress_bar: false
+  logger:
+    class_path: lightning.pytorch.loggers.TensorBoardLogger
+    init_args: {{save_dir: {run}, name: {stage}, version: ""}}
+  callbacks:
+    - class_path: lightning.pytorch.callbacks.ModelCheckpoint
+      init_args: {{dirpath: {stage_dir}/checkpoints, save_last: true}}
+""" + extra
+
+
+def fit(repo: Path, run: Path, stage: str) -> None:
+    run.mkdir(parents=True, exist_ok=True)
+    (run / f"{stage}.yaml").write_text(overlay(run, stage))
+    configs = ["-c", "conf/tokenizer/tiny.yaml"]
+    if stage == "codebook":
+        configs += ["-c", "conf/tokenizer/tiny-codebook.yaml"]
+    command = [sys.executable, "-m", "seed_lightning.cli", "tokenizer", "fit", *configs, "-c", str(run / f"{stage}.yaml")]
+    result = subprocess.run(command, cwd=repo, capture_output=True, text=True, timeout=900,
+                            env={**os.environ, "SEED_LOG_LEVEL": "WARNING"})
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+@torch.no_grad()
+def val_retrieval(tokenizer: SeedTokenizer, world) -> dict[str, float]:
+    from transformers import AutoTokenizer
+
+    text_tokenizer = AutoTokenizer.from_pretrained(world.models / "bert-tokenizer")
+    data = ShardDataModule(val=str(world.shards / "val-000000.tar"), image_size=tokenizer.image_size,
+                           val_batch_size=64, num_workers=0)
+    data.setup("validate")
+    images, texts, owners = [], [], []
+    for batch in data.val_dataloader():
+        for offset, meta in enumerate(batch["meta"]):
+            image_index = sum(len(i) for i in images) + offset
+            texts += meta["captions"]
+            owners += [image_index] * len(meta["captions"])
+        images.append(tokenizer.qformer.image_features(tokenizer.causal_embeddings(batch["pixel_values"])))
+    encoded = text_tokenizer(texts, padding=True, truncation=True, max_length=32, return_tensors="pt")
+    text_features = tokenizer.qformer.text_features(tokenizer.qformer.encode_text(encoded["input_ids"], encoded["attention_mask"]))
+    return retrieval_recall(torch.cat(images) @ text_features.t(), torch.tensor(owners))
+
+
+@pytest.mark.slow
+def test_tiny_default_tokenizer_learns(default_world, tmp_path):
+    fit(default_world.repo, tmp_path, "contrastive")
+    fit(default_world.repo, tmp_path, "codebook")
+    tokenizer = SeedTokenizer.load(tmp_path / "seed_tokenizer").eval()
+    recall = val_retrieval(tokenizer, default_world)
+    chance = 100 / 256  # percent: one right image among the 256 val images
+    print(f"\nval R@1 image->text {recall['i2t_R@1']:.2f}%, text->image {recall['t2i_R@1']:.2f}% (chance {chance:.2f}%)")
+    assert recall["i2t_R@1"] >= 5 * chance and recall["t2i_R@1"] >= 5 * chance
+
+    codes = tokenizer.encode(tokenizer.preprocess([Image.new("RGB", (80, 60), "red")]))
+    assert codes.shape == (1, 32) and 0 <= int(codes.min()) and int(codes.max()) < tokenizer.config.num_codes
