@@ -200,14 +200,14 @@ def _generate_command(argv: list[str]) -> None:
 
 
 def _configure_logging() -> None:
-    # Only our own logger: Lightning already prints its messages through its own handler.
+    # Our own logger only (Lightning prints through its own handler); it still propagates, so tools that
+    # listen on the root logger (pytest's caplog) see our messages.
     logger = logging.getLogger("seed_lightning")
     if not logger.handlers:
         handler = logging.StreamHandler()
         handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
         logger.addHandler(handler)
         logger.setLevel(os.environ.get("SEED_LOG_LEVEL", "INFO"))
-        logger.propagate = False
 
 
 INFERENCE_COMMANDS = {"caption": _caption_command, "vqa": _vqa_command, "generate": _generate_command}

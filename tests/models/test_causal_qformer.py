@@ -1,7 +1,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from test_pretrained import tiny_blip2_config
+from tests.models.test_pretrained import tiny_blip2_config
 from transformers import Blip2ForConditionalGeneration, Blip2ForImageTextRetrieval
 
 from seed_lightning.errors import ConfigError

@@ -5,7 +5,7 @@ import shutil
 import pytest
 import torch
 from PIL import Image
-from test_pretrained import tiny_blip2_config
+from tests.models.test_pretrained import tiny_blip2_config
 from transformers import Blip2ForImageTextRetrieval
 
 from seed_lightning.data.transforms import CLIP_MEAN, CLIP_STD

@@ -1,6 +1,6 @@
 import pytest
 import torch
-from test_pretrained import tiny_blip2_config
+from tests.models.test_pretrained import tiny_blip2_config
 from transformers import BertConfig, Blip2ForConditionalGeneration, Blip2ForImageTextRetrieval, Blip2VisionModel
 
 from seed_lightning.errors import ConfigError

@@ -8,7 +8,7 @@ import random
 
 import lightning as L
 import pytest
-from resume_helpers import Crash, LossRecorder
+from tests.training.resume_helpers import Crash, LossRecorder
 import torch
 import torch.nn.functional as F
 

@@ -1,6 +1,6 @@
 import lightning as L
 import pytest
-from resume_helpers import Crash, LossRecorder
+from tests.training.resume_helpers import Crash, LossRecorder
 import torch
 
 from seed_lightning.data.datamodule import ShardDataModule, ShardSource
