@@ -239,20 +239,20 @@ class TokenizerModule(L.LightningModule):
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         batch_size = len(batch["caption"])
-        if self.stage == "contrastive":
-            image_features, _ = self._features(batch)
-            captions = [m.get("captions") or [c] for m, c in zip(batch["meta"], batch["caption"])]
-            for index, feature, refs in zip(batch["index"].tolist(), image_features.cpu(), captions):
-                self._val_outputs[index] = {"image": feature, "captions": refs}
-        else:
-            with torch.no_grad():
-                causal = self.tokenizer.causal_embeddings(batch["pixel_values"])
+        with torch.no_grad():
+            causal = self.tokenizer.causal_embeddings(batch["pixel_values"])
+        # Retrieval in both stages: in stage 2 it reports the (frozen) encoder the codes come from.
+        image_features = self.tokenizer.qformer.image_features(causal).float().cpu()
+        captions = [m.get("captions") or [c] for m, c in zip(batch["meta"], batch["caption"])]
+        rows = [{"image": feature, "captions": refs} for feature, refs in zip(image_features, captions)]
+        if self.stage == "codebook":
             losses = self._codebook_losses(causal, batch["caption"])
             for name in ("loss", "vq", "recon", "gen"):
                 if name in losses:
                     self.log(f"val/{name}", losses[name], prog_bar=name == "loss", batch_size=batch_size, sync_dist=True)
-            for index, codes in zip(batch["index"].tolist(), losses["codes"].cpu()):
-                self._val_outputs[index] = {"codes": codes}
+            for row, codes in zip(rows, losses["codes"].cpu()):
+                row["codes"] = codes
+        self._val_outputs.update(zip(batch["index"].tolist(), rows))
 
     def on_validation_epoch_end(self) -> None:
         outputs = merge_by_index(gather_objects(self._val_outputs))
@@ -260,11 +260,10 @@ class TokenizerModule(L.LightningModule):
         if not outputs:
             return
         rows = [outputs[i] for i in sorted(outputs)]
-        if self.stage == "contrastive":
-            metrics = self._retrieval(rows)
-        else:
+        metrics = self._retrieval(rows)
+        if self.stage == "codebook":
             usage = self.tokenizer.quantizer.usage(torch.stack([r["codes"] for r in rows]))
-            metrics = {"codebook_used_fraction": float(usage["used_fraction"]), "codebook_perplexity": float(usage["perplexity"])}
+            metrics.update(codebook_used_fraction=float(usage["used_fraction"]), codebook_perplexity=float(usage["perplexity"]))
         for name, value in metrics.items():
             # Every rank computed the same merged numbers; no further reduction needed.
             self.log(f"val/{name}", value, prog_bar=name in ("i2t_R@1", "t2i_R@1"), rank_zero_only=False)
