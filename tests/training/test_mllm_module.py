@@ -8,7 +8,7 @@ import random
 
 import lightning as L
 import pytest
-from tests.training.resume_helpers import Crash, LossRecorder
+from tests.training.resume_helpers import assert_resume_reproduces, fit_recording, resume_callbacks
 import torch
 import torch.nn.functional as F
 
@@ -200,8 +200,6 @@ def test_checkpoints_leave_out_the_frozen_image_tokenizer(tokenizer_dir):
 
 @pytest.mark.slow
 def test_interrupted_and_resumed_fit_reproduces_the_uninterrupted_losses(tmp_path):
-    from lightning.pytorch.callbacks import ModelCheckpoint
-
     from seed_lightning.data.datamodule import ShardDataModule, ShardSource
     from seed_lightning.data.tokens import TokenShardWriter
 
@@ -212,24 +210,15 @@ def test_interrupted_and_resumed_fit_reproduces_the_uninterrupted_losses(tmp_pat
 
     def run(root, crash_at=None, ckpt_path=None):
         L.seed_everything(0)
-        recorder = LossRecorder()
-        callbacks = [recorder, ModelCheckpoint(dirpath=root / "ckpt", save_last=True, every_n_train_steps=1)]
         trainer = L.Trainer(
             accelerator="cpu", max_steps=5, limit_val_batches=0, logger=False, enable_progress_bar=False,
             enable_model_summary=False, deterministic=True, default_root_dir=root,
-            callbacks=callbacks + ([Crash(crash_at)] if crash_at else []),
+            callbacks=resume_callbacks(root, crash_at),
         )
+        # 3 batches an epoch: the crash is mid-epoch
         data = ShardDataModule(train=[ShardSource(urls=str(tmp_path / "tokens" / "train-000000.tar"))], kind="codes",
                                batch_size=4, num_workers=0, samples_per_epoch=12, shuffle_buffer=8)
-        try:
-            trainer.fit(make_module(max_length=128), datamodule=data, ckpt_path=ckpt_path)
-        except RuntimeError as error:
-            assert "simulated crash" in str(error)
-        return recorder
+        module = make_module(max_length=128)
+        return fit_recording(trainer, lambda t: t.fit(module, datamodule=data, ckpt_path=ckpt_path))
 
-    straight = run(tmp_path / "a")
-    first = run(tmp_path / "b", crash_at=2)  # mid-epoch: 3 batches an epoch
-    second = run(tmp_path / "b", ckpt_path=str(tmp_path / "b" / "ckpt" / "last.ckpt"))
-    assert len(straight.losses) == 5 and len(first.losses) == 2
-    assert first.keys + second.keys == straight.keys
-    assert first.losses + second.losses == pytest.approx(straight.losses, rel=1e-5)
+    assert_resume_reproduces(run, tmp_path)

@@ -1,6 +1,6 @@
 import lightning as L
 import pytest
-from tests.training.resume_helpers import Crash, LossRecorder
+from tests.training.resume_helpers import assert_resume_reproduces, fit_recording, resume_callbacks
 import torch
 
 from seed_lightning.data.datamodule import ShardDataModule, ShardSource
@@ -133,26 +133,14 @@ def test_codebook_stage_caches_causal_embeddings(default_world, tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("stage", ["contrastive", "codebook"])
 def test_interrupted_and_resumed_fit_reproduces_the_uninterrupted_losses(default_world, tmp_path, stage):
-    from lightning.pytorch.callbacks import ModelCheckpoint
-
     def run(root, crash_at=None, ckpt_path=None):
         L.seed_everything(0)
-        recorder = LossRecorder()
-        callbacks = [recorder, ModelCheckpoint(dirpath=root / "ckpt", save_last=True, every_n_train_steps=1)]
-        fit = trainer(root, max_steps=5, limit_val_batches=0, callbacks=callbacks + ([Crash(crash_at)] if crash_at else []))
+        fit = trainer(root, max_steps=5, limit_val_batches=0, callbacks=resume_callbacks(root, crash_at))
         module = make_module(default_world, stage=stage, cache_embeddings=False)
-        try:
-            fit.fit(module, datamodule=make_data(default_world, batch_size=4, samples=12), ckpt_path=ckpt_path)
-        except RuntimeError as error:
-            assert "simulated crash" in str(error)
-        return recorder
+        data = make_data(default_world, batch_size=4, samples=12)  # 3 batches an epoch: the crash is mid-epoch
+        return fit_recording(fit, lambda t: t.fit(module, datamodule=data, ckpt_path=ckpt_path))
 
-    straight = run(tmp_path / "a")
-    first = run(tmp_path / "b", crash_at=2)  # mid-epoch: 3 batches an epoch
-    second = run(tmp_path / "b", ckpt_path=str(tmp_path / "b" / "ckpt" / "last.ckpt"))
-    assert len(straight.losses) == 5 and len(first.losses) == 2
-    assert first.keys + second.keys == straight.keys
-    assert first.losses + second.losses == pytest.approx(straight.losses, rel=1e-5)
+    assert_resume_reproduces(run, tmp_path)
 
 
 def test_data_init_spreads_the_first_batch_over_many_codes(default_world, tmp_path):
