@@ -11,7 +11,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import webdataset
 from tqdm import tqdm
 
 from seed_lightning.errors import ConfigError, DataError
@@ -145,6 +144,8 @@ def coco_to_shards(
         )
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     written: list[str] = []
+    import webdataset  # only the converter writes shards: readers (read_vqa) need no webdataset
+
     with webdataset.ShardWriter(
         str(Path(out_dir) / f"{prefix}-%06d.tar"), maxcount=maxcount, post=written.append, verbose=0, mtime=0.0
     ) as writer:
