@@ -2,17 +2,25 @@
 
 Stage 2 of the tokenizer trains on the causal embeddings of a FROZEN ViT + Q-Former: they are the
 same every epoch, so each is computed once, written here, and read back instead of re-running the
-encoders. Chunks are safetensors files written atomically; each rank writes its own chunks and
-reads everybody's after `refresh()`.
+encoders. Chunks are fp16 `.npy` files, memory-mapped when read (a batch is one fancy-indexed read
+per chunk, and the cache can be far larger than RAM), each with a `.keys.json` naming its rows.
+Both are written atomically (temporary file + rename; the keys first, so an `.npy` under its final
+name always has its keys). Each rank writes its own chunks and reads everybody's after `refresh()`.
 """
 
 import json
 import os
 from pathlib import Path
 
+import numpy as np
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
+
+
+def _atomic_write(path: Path, write) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as handle:
+        write(handle)
+    os.replace(tmp, path)
 
 
 class EmbeddingCache:
@@ -21,23 +29,23 @@ class EmbeddingCache:
         self.directory.mkdir(parents=True, exist_ok=True)
         self.rank = rank
         self.rows_per_chunk = rows_per_chunk
-        # Flushed rows stay on disk (memory-mapped chunk files); only unflushed ones are in memory.
+        # Flushed rows stay on disk (memory-mapped chunks); only unflushed ones are in memory.
         self._pending: dict[str, torch.Tensor] = {}
         self._index: dict[str, tuple[int, int]] = {}
-        self._chunks: list = []
+        self._chunks: list[np.ndarray] = []
         self._chunk_paths: set[Path] = set()
         self.refresh()
 
     def refresh(self) -> None:
         """Index every complete chunk in the directory (those of other ranks too)."""
-        for path in sorted(self.directory.glob("chunk-*.safetensors")):
+        for path in sorted(self.directory.glob("chunk-*.npy")):
             if path in self._chunk_paths:
                 continue
-            handle = safe_open(str(path), framework="pt")
+            keys = json.loads(path.with_suffix(".keys.json").read_text())
             chunk = len(self._chunks)
-            self._chunks.append(handle.get_slice("rows"))
+            self._chunks.append(np.load(path, mmap_mode="r"))
             self._chunk_paths.add(path)
-            for row, key in enumerate(json.loads(handle.metadata()["keys"])):
+            for row, key in enumerate(keys):
                 self._index[key] = (chunk, row)
 
     def __len__(self) -> int:
@@ -46,17 +54,27 @@ class EmbeddingCache:
     def __contains__(self, key: str) -> bool:
         return key in self._index or key in self._pending
 
-    def _row(self, key: str) -> torch.Tensor:
-        if key in self._pending:
-            return self._pending[key]
-        chunk, row = self._index[key]
-        return self._chunks[chunk][row : row + 1][0]
-
     def get(self, keys: list[str]) -> torch.Tensor | None:
-        """The stacked rows of `keys`, or None when any is missing (the caller then computes them)."""
+        """The stacked rows of `keys` (fp16), or None when any is missing (the caller then computes them)."""
         if not all(k in self for k in keys):
             return None
-        return torch.stack([self._row(k) for k in keys])
+        by_chunk: dict[int, tuple[list[int], list[int]]] = {}
+        pending = []
+        for position, key in enumerate(keys):
+            if key in self._pending:
+                pending.append((position, key))
+            else:
+                chunk, row = self._index[key]
+                positions, rows = by_chunk.setdefault(chunk, ([], []))
+                positions.append(position)
+                rows.append(row)
+        shape = self._pending[pending[0][1]].shape if pending else self._chunks[next(iter(by_chunk))].shape[1:]
+        out = torch.empty(len(keys), *shape, dtype=torch.float16)
+        for chunk, (positions, rows) in by_chunk.items():
+            out[positions] = torch.from_numpy(np.ascontiguousarray(self._chunks[chunk][rows]))
+        for position, key in pending:
+            out[position] = self._pending[key]
+        return out
 
     def put(self, keys: list[str], rows: torch.Tensor) -> None:
         rows = rows.detach().to("cpu", torch.float16)
@@ -69,11 +87,11 @@ class EmbeddingCache:
     def flush(self) -> None:
         if not self._pending:
             return
-        index = len(list(self.directory.glob(f"chunk-r{self.rank}-*.safetensors")))
-        path = self.directory / f"chunk-r{self.rank}-{index:06d}.safetensors"
-        tmp = path.with_suffix(".tmp")
+        index = len(list(self.directory.glob(f"chunk-r{self.rank}-*.npy")))
+        path = self.directory / f"chunk-r{self.rank}-{index:06d}.npy"
         keys = list(self._pending)
-        save_file({"rows": torch.stack([self._pending[k] for k in keys])}, str(tmp), metadata={"keys": json.dumps(keys)})
-        os.replace(tmp, path)  # atomic: a crash mid-write never leaves a half chunk under a chunk name
+        rows = torch.stack([self._pending[k] for k in keys]).numpy()
+        _atomic_write(path.with_suffix(".keys.json"), lambda handle: handle.write(json.dumps(keys).encode()))
+        _atomic_write(path, lambda handle: np.save(handle, rows))
         self._pending = {}
         self.refresh()

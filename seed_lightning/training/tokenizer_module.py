@@ -154,19 +154,28 @@ class TokenizerModule(L.LightningModule):
         text_hidden = qformer.encode_text(text["input_ids"], text["attention_mask"])
         return qformer.image_features(causal), qformer.text_features(text_hidden)
 
-    def _causal_embeddings(self, batch: dict) -> torch.Tensor:
-        """Frozen causal embeddings, from the disk cache when every key of the batch is in it."""
-        if self._cache is None:
-            with torch.no_grad():
-                return self.tokenizer.causal_embeddings(batch["pixel_values"])
+    @staticmethod
+    def _cache_keys(batch: dict) -> list[str]:
         # Keys repeat across data sets (img2dataset numbers every set from 0): qualify them by shard.
-        keys = [f"{url}#{key}" for url, key in zip(batch["url"], batch["key"])]
-        cached = self._cache.get(keys)
-        if cached is not None:
-            return cached.to(self.device, torch.float32)
+        urls = batch.get("url") or [""] * len(batch["key"])
+        return [f"{url}#{key}" for url, key in zip(urls, batch["key"])]
+
+    def transfer_batch_to_device(self, batch: dict, device: torch.device, dataloader_idx: int) -> dict:
+        """Stage-2 training batches whose embeddings are all cached travel without their pixels."""
+        if self._cache is not None and self.trainer.training and "pixel_values" in batch:
+            cached = self._cache.get(self._cache_keys(batch))
+            if cached is not None:
+                batch = {**{k: v for k, v in batch.items() if k != "pixel_values"}, "causal_embeds": cached}
+        return super().transfer_batch_to_device(batch, device, dataloader_idx)
+
+    def _causal_embeddings(self, batch: dict) -> torch.Tensor:
+        """Frozen causal embeddings: from the disk cache when the batch brought them, else computed (and cached)."""
+        if "causal_embeds" in batch:
+            return batch["causal_embeds"].float()
         with torch.no_grad():
             causal = self.tokenizer.causal_embeddings(batch["pixel_values"])
-        self._cache.put(keys, causal)
+        if self._cache is not None:
+            self._cache.put(self._cache_keys(batch), causal)
         return causal.float()
 
     @torch.no_grad()

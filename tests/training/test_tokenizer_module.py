@@ -122,12 +122,17 @@ def test_codebook_stage_caches_causal_embeddings(default_world, tmp_path):
     batch = one_batch(default_world)
     qualified = [f"{url}#{key}" for url, key in zip(batch["url"], batch["key"])]
     keys = [k for k in qualified if k in cached]
-    assert keys, "the second epoch's batch should be cached"
-    if keys:
-        index = [qualified.index(k) for k in keys]
-        with torch.no_grad():
-            fresh = module.tokenizer.causal_embeddings(batch["pixel_values"][index])
-        assert torch.allclose(cached.get(keys).float(), fresh, atol=2e-3)
+    assert keys == qualified, "a fresh stream's first batch is the first epoch's: all cached"
+    with torch.no_grad():
+        fresh = module.tokenizer.causal_embeddings(batch["pixel_values"])
+    assert torch.allclose(cached.get(keys).float(), fresh, atol=2e-3)
+
+    # A cached training batch travels to the device without its pixels; the encoders are not run.
+    fit.training = True
+    moved = module.transfer_batch_to_device(batch, torch.device("cpu"), 0)
+    assert "pixel_values" not in moved and moved["causal_embeds"].shape == fresh.shape
+    module.tokenizer.vision.forward = None  # would raise if called
+    assert torch.allclose(module._causal_embeddings(moved), fresh, atol=2e-3)
 
 
 @pytest.mark.slow
