@@ -218,6 +218,7 @@ _EXPECTED_WARNINGS = [
     r".*module\(s\) in eval mode.*",  # the frozen towers are in eval mode on purpose
     r".*`IterableDataset` has `__len__` defined.*",  # ShardDataModule's streams split workers exactly
     r".*isinstance\(treespec, LeafSpec\).*",  # a torch deprecation inside Lightning
+    r".*overridden `transfer_batch_to_device` in `LightningModule`.*",  # intended: stage 2's cache
 ]
 
 
