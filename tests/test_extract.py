@@ -2,6 +2,7 @@
 
 import io
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,7 +17,7 @@ from seed_lightning.models.heads import GenerationHeadConfig, ReconstructionHead
 from seed_lightning.models.tokenizer import SeedTokenizer, SeedTokenizerConfig
 from seed_lightning.models.vision import VisionEncoderConfig
 
-TINY_BLIP2 = "data/models/tiny-blip2"
+TINY_BLIP2 = str(Path(__file__).resolve().parents[1] / "data" / "models" / "tiny-blip2")
 COLORS = [(220, 30, 30), (30, 170, 50), (30, 70, 220), (240, 210, 20), (20, 20, 20)]
 
 

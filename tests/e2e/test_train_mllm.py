@@ -17,11 +17,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from seed_lightning import cli
 from seed_lightning.data.shards import iter_tar_samples
-from seed_lightning.models.causal_qformer import CausalQFormerConfig
-from seed_lightning.models.heads import GenerationHeadConfig, ReconstructionHeadConfig
 from seed_lightning.models.mllm import MultimodalLM, MultimodalLMConfig
-from seed_lightning.models.tokenizer import SeedTokenizer, SeedTokenizerConfig
-from seed_lightning.models.vision import VisionEncoderConfig
+from tests.test_extract import save_tokenizer
 
 REPO = Path(__file__).resolve().parents[2]
 DATA = REPO / "data" / "synthetic"
@@ -29,26 +26,6 @@ MODELS = REPO / "data" / "models"
 NUM_CODES = 256
 EXPORT = Path("checkpoints/mllm-tiny/export")
 """Where conf/mllm/tiny.yaml exports, relative to the working directory."""
-
-
-def save_tokenizer(directory: Path) -> str:
-    """A random SeedTokenizer on the tiny BLIP-2 folder whose codes differ between images."""
-    torch.manual_seed(0)
-    config = SeedTokenizerConfig(
-        vision=VisionEncoderConfig(pretrained=str(MODELS / "tiny-blip2")),
-        qformer=CausalQFormerConfig(pretrained=str(MODELS / "tiny-blip2")),
-        num_codes=NUM_CODES,
-        recon_head=ReconstructionHeadConfig(depth=1, num_heads=4),
-        gen_head=GenerationHeadConfig(depth=1, num_heads=4, qformer_layers=2, out_dim=64),
-    )
-    tokenizer = SeedTokenizer.from_config(config)
-    with torch.no_grad():
-        for module in tokenizer.qformer.qformer.modules():
-            if isinstance(module, torch.nn.Linear):
-                module.weight.normal_(std=0.3)
-        tokenizer.quantizer.embedding.weight.normal_(std=0.3)
-    tokenizer.save(directory)
-    return str(directory)
 
 
 def first_val_image(path: Path) -> str:
@@ -67,7 +44,7 @@ def scalars(log_dir: Path, tag: str) -> list[float]:
 @pytest.mark.slow
 def test_extract_train_export_and_use(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    tokenizer = save_tokenizer(tmp_path / "tokenizer")
+    tokenizer = save_tokenizer(tmp_path / "tokenizer", num_codes=NUM_CODES)
     shard = str(DATA / "shards" / "val-000000.tar")
     for prefix in ("train", "val"):
         assert cli.main(["extract-tokens", "--tokenizer", tokenizer, "--shards", shard, "--out", "tokens",
@@ -116,7 +93,7 @@ def test_extract_train_export_and_use(tmp_path, monkeypatch, capsys):
 def saved_models(tmp_path_factory):
     """A tiny LM (merged) and tokenizer with matching codebooks, saved like `make train-mllm` leaves them."""
     directory = tmp_path_factory.mktemp("models")
-    tokenizer = save_tokenizer(directory / "tokenizer")
+    tokenizer = save_tokenizer(directory / "tokenizer", num_codes=NUM_CODES)
     torch.manual_seed(0)
     lm = MultimodalLM(MultimodalLMConfig(pretrained=str(MODELS / "tiny-opt"), num_visual_codes=NUM_CODES, lora=None))
     lm.save_merged(directory / "mllm")
