@@ -69,7 +69,8 @@ class EmbeddingCache:
                 positions.append(position)
                 rows.append(row)
         shape = self._pending[pending[0][1]].shape if pending else self._chunks[next(iter(by_chunk))].shape[1:]
-        out = torch.empty(len(keys), *shape, dtype=torch.float16)
+        # Pinned, so that the copy to the GPU does not block the host.
+        out = torch.empty(len(keys), *shape, dtype=torch.float16, pin_memory=torch.cuda.is_available())
         for chunk, (positions, rows) in by_chunk.items():
             out[positions] = torch.from_numpy(np.ascontiguousarray(self._chunks[chunk][rows]))
         for position, key in pending:

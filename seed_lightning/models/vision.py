@@ -93,7 +93,7 @@ class VisionEncoder(nn.Module):
     """`Blip2VisionModel`; its `post_layernorm` is BLIP-2's `ln_vision`. forward: pixels -> [B, P, Dv].
 
     Unless `trainable`, the trunk (everything but ln_vision) has requires_grad False, stays in eval
-    mode and runs without autograd, so it stores no activations.
+    mode and runs without autograd, so it stores no activations, in the dtype of its weights.
     """
 
     def __init__(self, config: VisionEncoderConfig):
@@ -136,7 +136,17 @@ class VisionEncoder(nn.Module):
         return self
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        with torch.set_grad_enabled(torch.is_grad_enabled() and self.config.trainable):
-            hidden = self.model.embeddings(pixel_values)
-            hidden = self.model.encoder(inputs_embeds=hidden).last_hidden_state
+        if self.config.trainable:
+            hidden = self._trunk(pixel_values)
+        else:
+            # A frozen trunk runs in the dtype its weights are held in, outside autocast: with bf16 weights
+            # that is the same arithmetic as autocast, minus its fp32 LayerNorm outputs and per-op casts.
+            dtype = self.model.embeddings.patch_embedding.weight.dtype
+            with torch.no_grad(), torch.autocast(pixel_values.device.type, enabled=False):
+                hidden = self._trunk(pixel_values.to(dtype))
+            hidden = hidden.to(self.ln_vision.weight.dtype)  # ln_vision may be trained (fp32) on a bf16 trunk
         return self.ln_vision(hidden)
+
+    def _trunk(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        hidden = self.model.embeddings(pixel_values)
+        return self.model.encoder(inputs_embeds=hidden).last_hidden_state

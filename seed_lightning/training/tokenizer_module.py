@@ -21,6 +21,7 @@ from seed_lightning.data.embedding_cache import EmbeddingCache
 from seed_lightning.errors import ConfigError
 from seed_lightning.metrics.gather import gather_objects, merge_by_index
 from seed_lightning.metrics.retrieval import retrieval_recall
+from seed_lightning.models.fp8 import convert_linears_to_fp8
 from seed_lightning.models.sd_text_encoder import SDTextEncoder
 from seed_lightning.models.tokenizer import SeedTokenizer, SeedTokenizerConfig
 from seed_lightning.training.losses import contrastive_loss, cosine_reconstruction_loss
@@ -51,6 +52,9 @@ class TokenizerModule(L.LightningModule):
         cache_embeddings: bool = True,
         cache_dir: str | None = None,
         export_dir: str | None = None,
+        frozen_dtype: Literal["auto", "float32", "bfloat16"] = "auto",
+        vision_fp8: bool = False,
+        compile: bool = False,
     ):
         """
         Args:
@@ -74,6 +78,14 @@ class TokenizerModule(L.LightningModule):
             cache_dir: where the cache lives (default: <run dir>/embedding_cache).
             export_dir: at the end of fit, the tokenizer (weights + config, no Lightning state) is
                 saved here.
+            frozen_dtype: dtype the frozen parts are held and run in (the ViT trunk; in stage 2 also ln_vision
+                and the Q-Former): "auto" = bfloat16 under a bf16 Trainer precision, else float32. bf16 halves
+                their memory and skips autocast's per-step weight casts.
+            vision_fp8: run the frozen ViT's linear layers in FP8 (e4m3, per-token and per-channel scales) on
+                GPUs with FP8 tensor cores (H100/H200, Ada); set `compile` too, or the scaling ops cost more than
+                FP8 saves. It changes the ViT's output a little (bench/RESULTS.md measures by how much).
+            compile: torch.compile the frozen ViT trunk and, in stage 2, the trained codebook layers and heads
+                (fewer kernel launches, fused elementwise work; the first steps are slower while it compiles).
         """
         super().__init__()
         model = as_config(model, SeedTokenizerConfig, "model.model")
@@ -92,6 +104,8 @@ class TokenizerModule(L.LightningModule):
         self.register_buffer("codebook_initialized", torch.tensor(codebook_init == "uniform"))
         self._cache: EmbeddingCache | None = None
         self._val_outputs: dict[int, dict] = {}
+        self._frozen_prepared = False
+        self._codebook_needs_init = False
 
     # ---- construction -------------------------------------------------------------------------
     def _build_tokenizer(self, config: SeedTokenizerConfig, init_from: str | None) -> SeedTokenizer:
@@ -117,10 +131,10 @@ class TokenizerModule(L.LightningModule):
         t = self.tokenizer
         if self.stage == "contrastive":
             trainable = [t.qformer]
-            frozen = [t.encode_task_layer, t.quantizer, t.decode_task_layer, t.recon_head, t.gen_head]
+            frozen = self._stage2_trained_parts()
             self.temperature.requires_grad_(True)
         elif self.stage == "codebook":
-            trainable = [t.encode_task_layer, t.quantizer, t.decode_task_layer, t.recon_head, t.gen_head]
+            trainable = self._stage2_trained_parts()
             frozen = [t.vision, t.qformer]
             self.temperature.requires_grad_(False)
         else:
@@ -132,6 +146,45 @@ class TokenizerModule(L.LightningModule):
         if self.stage == "codebook":
             t.vision.eval()
             t.qformer.eval()
+
+    def _frozen_parts(self) -> list[torch.nn.Module]:
+        vision = self.tokenizer.vision
+        if vision.config.trainable:
+            return [self.tokenizer.qformer] if self.stage == "codebook" else []
+        if self.stage == "codebook":
+            return [vision, self.tokenizer.qformer]
+        return [vision.model.embeddings, vision.model.encoder]  # ln_vision is trained in stage 1
+
+    def _stage2_trained_parts(self) -> list[torch.nn.Module]:
+        t = self.tokenizer
+        return [t.encode_task_layer, t.quantizer, t.decode_task_layer, t.recon_head, t.gen_head]
+
+    def setup(self, stage: str) -> None:
+        """Frozen parts to their dtype (+ FP8, compilation) once, before the Trainer moves the module."""
+        if self._frozen_prepared:
+            return
+        self._frozen_prepared = True
+        dtype = self.hparams.frozen_dtype
+        if dtype == "auto":
+            dtype = "bfloat16" if str(self.trainer.precision).startswith("bf16") else "float32"
+        for part in self._frozen_parts():
+            part.to(getattr(torch, dtype))
+        encoder = self.tokenizer.vision.model.encoder
+        if self.hparams.vision_fp8:
+            if self.tokenizer.vision.config.trainable:
+                raise ConfigError("model.vision_fp8 needs a frozen ViT; set vision.trainable: false or vision_fp8: false")
+            device = self.trainer.strategy.root_device
+            if device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
+                raise ConfigError(f"model.vision_fp8: {torch.cuda.get_device_name(device)} has no FP8 tensor cores "
+                                  "(needs H100/H200/Ada); set vision_fp8: false")
+            convert_linears_to_fp8(encoder)
+        if self.hparams.compile:
+            # Multi-kernel lets Inductor also try single-pass (persistent) kernels for the LayerNorm/GELU rows
+            # (1408/6144 wide) and keep the faster: +7% on the FP8 stage-1 step (bench/RESULTS.md).
+            encoder.compile(options={"triton.multi_kernel": 1})
+            if self.stage == "codebook":
+                for part in self._stage2_trained_parts():
+                    part.compile()
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -210,6 +263,10 @@ class TokenizerModule(L.LightningModule):
         return losses
 
     # ---- Lightning hooks ----------------------------------------------------------------------
+    def on_train_start(self) -> None:
+        # Read the buffer once (after any checkpoint restore): a tensor in `if` would sync every step.
+        self._codebook_needs_init = not bool(self.codebook_initialized)
+
     def on_fit_start(self) -> None:
         if self.stage == "codebook" and self.hparams.cache_embeddings:
             directory = self.hparams.cache_dir or Path(self.trainer.default_root_dir) / "embedding_cache"
@@ -232,8 +289,9 @@ class TokenizerModule(L.LightningModule):
             self.log("train/temperature", self.temperature, batch_size=batch_size)
         else:
             causal = self._causal_embeddings(batch)
-            if not self.codebook_initialized:
+            if self._codebook_needs_init:
                 self._init_codebook_from(causal)
+                self._codebook_needs_init = False
             losses = self._codebook_losses(causal, batch["caption"])
             loss = losses["loss"]
             for name in ("loss", "vq", "recon", "gen"):

@@ -38,6 +38,25 @@ def test_frozen_trunk_gets_no_gradient_and_stays_in_eval():
     assert encoder.ln_vision.weight.grad is not None and encoder.ln_vision.weight.grad.abs().sum() > 0
 
 
+def test_a_bf16_frozen_trunk_runs_in_bf16_outside_autocast_and_feeds_an_fp32_ln_vision():
+    torch.manual_seed(0)
+    encoder = VisionEncoder(VisionEncoderConfig(**TINY))
+    pixels = torch.randn(2, 3, 32, 32)
+    reference = encoder(pixels)
+    encoder.model.embeddings.to(torch.bfloat16)
+    encoder.model.encoder.to(torch.bfloat16)
+    seen = []
+    encoder.model.encoder.layers[0].mlp.fc1.register_forward_hook(
+        lambda module, args, out: seen.append((args[0].dtype, torch.is_autocast_enabled("cpu"))))
+    with torch.autocast("cpu", torch.bfloat16):
+        out = encoder(pixels)
+    assert seen == [(torch.bfloat16, False)]
+    assert out.dtype == torch.float32  # ln_vision (fp32, trained in stage 1) under autocast
+    assert torch.nn.functional.cosine_similarity(out, reference, dim=-1).min() > 0.99
+    out.pow(2).sum().backward()
+    assert encoder.ln_vision.weight.grad is not None
+
+
 def test_fully_frozen_output_needs_no_graph():
     encoder = VisionEncoder(VisionEncoderConfig(**TINY, train_ln_vision=False))
     assert not any(p.requires_grad for p in encoder.parameters())

@@ -156,6 +156,7 @@ def test_data_init_spreads_the_first_batch_over_many_codes(default_world, tmp_pa
         module = outside_fit(make_module(default_world, stage="codebook", cache_embeddings=False, codebook_init=init))
         module.trainer = trainer(tmp_path, max_steps=1)
         assert bool(module.codebook_initialized) == (init == "uniform")
+        module.on_train_start()  # the Trainer's order: the flag is read once, then the steps run
         module.training_step(batch, 0)
         assert bool(module.codebook_initialized)
         with torch.no_grad():
@@ -164,3 +165,73 @@ def test_data_init_spreads_the_first_batch_over_many_codes(default_world, tmp_pa
     assert used["data"] >= 2 * used["uniform"]
     # The flag travels in the state dict, so a resumed run keeps its trained codebook.
     assert "codebook_initialized" in module.state_dict()
+
+
+def prepared(world, tmp_path, precision: str, stage: str = "contrastive", **kwargs) -> TokenizerModule:
+    """A module after the Trainer's `setup` hook (frozen dtype, FP8, compilation), not yet fitted."""
+    module = make_module(world, stage=stage, cache_embeddings=False, **kwargs)
+    module.trainer = trainer(tmp_path, max_steps=1, precision=precision)
+    module.setup("fit")
+    return module
+
+
+@pytest.mark.parametrize("stage", ["contrastive", "codebook"])
+def test_frozen_parts_are_held_in_bf16_under_bf16_precision_and_trained_parts_stay_fp32(default_world, tmp_path, stage):
+    module = prepared(default_world, tmp_path, "bf16-mixed", stage)
+    frozen_prefixes = ("tokenizer.vision", "tokenizer.qformer") if stage == "codebook" else (
+        "tokenizer.vision.model.embeddings", "tokenizer.vision.model.encoder")
+    in_optimizer = optimizer_params(module)
+    for name, parameter in module.named_parameters():
+        if id(parameter) in in_optimizer:
+            assert parameter.dtype == torch.float32, name
+        elif name.startswith(frozen_prefixes):
+            assert parameter.dtype == torch.bfloat16 and not parameter.requires_grad, name
+    ln_vision = module.tokenizer.vision.ln_vision.weight
+    assert ln_vision.dtype == (torch.bfloat16 if stage == "codebook" else torch.float32)
+    module.on_train_start()
+    batch = one_batch(default_world)
+    with torch.autocast("cpu", torch.bfloat16):
+        loss = outside_fit(module).training_step(batch, 0)
+    loss.backward()
+    assert torch.isfinite(loss)
+    trained = module.tokenizer.qformer.query_tokens if stage == "contrastive" else module.tokenizer.recon_head.pos_embed
+    assert trained.grad is not None and trained.grad.abs().sum() > 0
+    if stage == "contrastive":
+        assert ln_vision.grad is not None and ln_vision.grad.abs().sum() > 0
+
+
+def test_fp32_precision_keeps_every_weight_fp32(default_world, tmp_path):
+    module = prepared(default_world, tmp_path, "32-true", "codebook")
+    assert {p.dtype for p in module.parameters()} == {torch.float32}
+
+
+def test_vision_fp8_runs_the_frozen_trunk_close_to_bf16(default_world, tmp_path):
+    from seed_lightning.models.fp8 import Fp8Linear
+
+    plain = prepared(default_world, tmp_path, "bf16-mixed")
+    fp8 = prepared(default_world, tmp_path, "bf16-mixed", vision_fp8=True)
+    linears = [m for m in fp8.tokenizer.vision.model.encoder.modules() if isinstance(m, Fp8Linear)]
+    assert len(linears) == 4 * fp8.tokenizer.vision.config.num_layers  # qkv, projection, fc1, fc2 per block
+    pixels = one_batch(default_world)["pixel_values"]
+    with torch.no_grad():
+        reference, out = plain.tokenizer.vision(pixels), fp8.tokenizer.vision(pixels)
+    cosine = torch.nn.functional.cosine_similarity(out.float(), reference.float(), dim=-1)
+    assert cosine.min() > 0.97
+
+
+def test_vision_fp8_needs_a_frozen_vit(default_world, tmp_path):
+    from seed_lightning.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="frozen ViT"):
+        prepared(default_world, tmp_path, "32-true", vision_fp8=True, vision_trainable=True)
+
+
+def test_compile_compiles_the_frozen_trunk_and_in_stage_2_the_trained_parts(default_world, tmp_path):
+    contrastive = prepared(default_world, tmp_path, "32-true", compile=True)
+    assert contrastive.tokenizer.vision.model.encoder._compiled_call_impl is not None
+    assert contrastive.tokenizer.qformer._compiled_call_impl is None
+    codebook = prepared(default_world, tmp_path, "32-true", "codebook", compile=True)
+    for part in codebook._stage2_trained_parts():
+        assert part._compiled_call_impl is not None
+    codebook.setup("validate")  # a second setup (fit, then validate) changes nothing
+    assert codebook.tokenizer.vision.model.encoder._compiled_call_impl is not None
