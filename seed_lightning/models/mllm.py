@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import peft
+from peft.tuners.tuners_utils import BaseTunerLayer
 import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, LogitsProcessor, LogitsProcessorList, PreTrainedModel
@@ -177,9 +178,31 @@ class MultimodalLM(nn.Module):
             ensure_weight_tying=settings.tie_embeddings and tied,
             task_type=peft.TaskType.CAUSAL_LM,
         )
-        return peft.get_peft_model(model, lora_config)
+        adapted = peft.get_peft_model(model, lora_config)
+        # peft casts each adapter's input to the adapter's fp32 dtype: under autocast that is a full fp32 copy of
+        # every projection's input per step, which autocast casts straight back to bf16 for the product.
+        for module in adapted.modules():
+            if isinstance(module, BaseTunerLayer):
+                module.cast_input_dtype_enabled = False
+        return adapted
 
     # ------------------------------------------------------------------------------ properties
+    def decoder_layers(self) -> nn.ModuleList:
+        """The base LM's stack of decoder layers (the list with one entry per hidden layer)."""
+        base = self.model.get_base_model() if isinstance(self.model, peft.PeftModel) else self.model
+        count = base.config.num_hidden_layers
+        for module in base.modules():
+            if isinstance(module, nn.ModuleList) and len(module) == count:
+                return module
+        raise ConfigError(f"{type(base).__name__} has no list of {count} decoder layers to compile; set compile: false")
+
+    @property
+    def compute_dtype(self) -> torch.dtype | None:
+        """bf16/fp16 when some weights are held in it (frozen base weights) beside fp32 ones, else None."""
+        dtypes = {p.dtype for p in self.model.parameters() if p.is_floating_point()}
+        low = dtypes - {torch.float32}
+        return next(iter(low)) if low and len(dtypes) > 1 else None
+
     @property
     def device(self) -> torch.device:
         """Where the LM's weights live (generation inputs are moved there)."""
@@ -283,7 +306,8 @@ class MultimodalLM(nn.Module):
         for row, prompt in enumerate(prompts):
             input_ids[row, longest - len(prompt):] = torch.tensor(prompt)
             attention_mask[row, longest - len(prompt):] = 1
-        with _eval_mode(self.model):
+        dtype = self.compute_dtype  # mixed-dtype weights run under autocast, as they do in training
+        with _eval_mode(self.model), torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None):
             output = self.model.generate(
                 input_ids=input_ids.to(self.device),
                 attention_mask=attention_mask.to(self.device),

@@ -19,6 +19,7 @@ import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import lightning as L
 import torch
@@ -98,6 +99,8 @@ class MLLMModule(L.LightningModule):
         vqa_train: VQATrainMix | None = None,
         sample_seed: int = 0,
         export_dir: str | None = None,
+        frozen_dtype: Literal["auto", "float32", "bfloat16"] = "auto",
+        compile: bool = False,
     ):
         """
         Args:
@@ -115,6 +118,11 @@ class MLLMModule(L.LightningModule):
             sample_seed: seed of the per-step choice of sample kinds and captions (with the step and rank).
             export_dir: at the end of fit the LoRA adapter (`adapter/`) and the merged model (`merged/`) are
                 saved here.
+            frozen_dtype: dtype the LM's frozen weights (all but LoRA and modules_to_save) are held in: "auto" =
+                bfloat16 under a bf16 Trainer precision unless the strategy is FSDP (whose flat parameters need
+                one dtype), else float32. bf16 halves their memory and skips autocast's per-step weight casts.
+            compile: torch.compile each decoder layer of the LM (fuses its elementwise work: LayerNorm, dropout,
+                residual adds, LoRA's scaling; the first steps are slower while it compiles).
         """
         super().__init__()
         model = as_config(model, MultimodalLMConfig, "model.model")
@@ -134,6 +142,7 @@ class MLLMModule(L.LightningModule):
         self.vqa_probability = vqa_train.probability if vqa_train is not None else 0.0
         self._batch_started: float | None = None
         self._batch_tokens = 0
+        self._prepared = False
 
     # ---- construction -------------------------------------------------------------------------
     @staticmethod
@@ -158,6 +167,25 @@ class MLLMModule(L.LightningModule):
             by_image.setdefault(record.image_id, []).append((record.question, record.multiple_choice_answer))
         log.info("VQA training mix: %d questions about %d images", sum(map(len, by_image.values())), len(by_image))
         return by_image
+
+    def setup(self, stage: str) -> None:
+        """Frozen weights to their dtype (+ compilation) once, before the Trainer moves the module."""
+        if self._prepared:
+            return
+        self._prepared = True
+        fsdp = "fsdp" in type(self.trainer.strategy).__name__.lower()
+        dtype = self.hparams.frozen_dtype
+        if dtype == "auto":
+            dtype = "bfloat16" if str(self.trainer.precision).startswith("bf16") and not fsdp else "float32"
+        if dtype != "float32" and fsdp and self.mllm.config.lora is not None:
+            raise ConfigError("model.frozen_dtype: FSDP flattens each layer's LoRA (fp32) and frozen weights into one "
+                              "tensor of one dtype; use frozen_dtype: float32 (or auto) with FSDP")
+        for parameter in self.mllm.parameters():
+            if not parameter.requires_grad:
+                parameter.data = parameter.data.to(getattr(torch, dtype))
+        if self.hparams.compile:
+            for layer in self.mllm.decoder_layers():
+                layer.compile()
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -224,10 +252,12 @@ class MLLMModule(L.LightningModule):
         )
         labels = rows.labels.to(device)
         losses = token_losses(output.logits, labels)
-        target = labels != IGNORE_INDEX
-        image = target & rows.is_image.to(device)
-        text = target & ~image
-        num_text, num_image = int(text.sum()), int(image.sum())
+        # Token counts from the host copies: counting on the device would stall the host mid-step.
+        image_cpu = (rows.labels != IGNORE_INDEX) & rows.is_image
+        num_image = int(image_cpu.sum())
+        num_text = int((rows.labels != IGNORE_INDEX).sum()) - num_image
+        image = image_cpu.to(device)
+        text = (labels != IGNORE_INDEX) & ~image
         return LossBreakdown(
             loss=losses.sum() / max(1, num_text + num_image),
             text_loss=(losses * text).sum() / max(1, num_text),

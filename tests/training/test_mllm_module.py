@@ -5,6 +5,7 @@ Uses the tiny OPT and tiny BLIP-2 folders that `make data` builds (random weight
 
 import json
 import random
+from types import SimpleNamespace
 
 import lightning as L
 import pytest
@@ -222,3 +223,61 @@ def test_interrupted_and_resumed_fit_reproduces_the_uninterrupted_losses(tmp_pat
         return fit_recording(trainer, lambda t: t.fit(module, datamodule=data, ckpt_path=ckpt_path))
 
     assert_resume_reproduces(run, tmp_path)
+
+
+def set_up(module: MLLMModule, precision: str, strategy=None) -> MLLMModule:
+    """Run the Trainer's `setup` hook (frozen dtype, compilation) on a module outside fit."""
+    if strategy is None:
+        module.trainer = L.Trainer(accelerator="cpu", devices=1, precision=precision, logger=False,
+                                   enable_progress_bar=False, enable_model_summary=False)
+    else:  # Lightning builds FSDP only with GPUs; setup reads just these two attributes
+        module._trainer = SimpleNamespace(precision=precision, strategy=strategy)
+    module.setup("fit")
+    return module
+
+
+def test_frozen_weights_are_held_in_bf16_under_bf16_precision_and_generation_still_runs():
+    module = set_up(make_module(lora=LoraSettings(r=4, alpha=8)), "bf16-mixed")
+    dtypes = {p.requires_grad: set() for p in module.parameters()}
+    for parameter in module.parameters():
+        dtypes[parameter.requires_grad].add(parameter.dtype)
+    assert dtypes == {True: {torch.float32}, False: {torch.bfloat16}}
+    assert module.mllm.compute_dtype == torch.bfloat16
+    module.log = lambda *args, **kwargs: None
+    with torch.autocast("cpu", torch.bfloat16):
+        loss = module.training_step(token_batch(), 0)
+    loss.backward()
+    lora_grads = [p.grad for n, p in module.named_parameters() if "lora_B" in n]  # lora_A's is 0 while B is 0
+    assert lora_grads and all(g is not None and g.abs().sum() > 0 for g in lora_grads)
+    # Outside autocast (as the generation callbacks run), mixed weights still generate.
+    captions = module.mllm.caption(token_batch(2)["codes"], max_new_tokens=3)
+    assert len(captions) == 2
+
+
+def test_lora_adapters_take_their_input_as_it_comes():
+    # peft would copy every projection input to fp32 (the adapters' dtype); autocast casts it back anyway.
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    layers = [m for m in make_module(lora=LoraSettings(r=4, alpha=8)).modules() if isinstance(m, BaseTunerLayer)]
+    assert layers and not any(layer.cast_input_dtype_enabled for layer in layers)
+
+
+def test_fp32_precision_and_full_fine_tuning_keep_fp32_weights():
+    assert {p.dtype for p in set_up(make_module(lora=LoraSettings(r=4, alpha=8)), "32-true").parameters()} == {torch.float32}
+    assert {p.dtype for p in set_up(make_module(lora=None), "bf16-mixed").parameters()} == {torch.float32}
+
+
+def test_fsdp_with_lora_keeps_frozen_weights_fp32_and_rejects_bf16():
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    module = set_up(make_module(lora=LoraSettings(r=4, alpha=8)), "bf16-mixed", FSDPStrategy())
+    assert {p.dtype for p in module.parameters()} == {torch.float32}
+    with pytest.raises(ConfigError, match="FSDP"):
+        set_up(make_module(lora=LoraSettings(r=4, alpha=8), frozen_dtype="bfloat16"), "bf16-mixed", FSDPStrategy())
+
+
+def test_compile_compiles_every_decoder_layer():
+    module = set_up(make_module(lora=LoraSettings(r=4, alpha=8), compile=True), "32-true")
+    layers = module.mllm.decoder_layers()
+    assert len(layers) == module.mllm.model.get_base_model().config.num_hidden_layers
+    assert all(layer._compiled_call_impl is not None for layer in layers)
