@@ -11,6 +11,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import lightning as L
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
@@ -88,6 +89,42 @@ def reset_memory() -> None:
     torch.cuda.reset_peak_memory_stats()
 
 
+def profiler_table(profiler, name: str, rows: int = 25) -> None:
+    """Write a torch.profiler's op table (by device and by host time) to $BENCH_OUT/profile-NAME.txt; print the top."""
+    out = Path(os.environ.get("BENCH_OUT", "bench_out"))
+    out.mkdir(parents=True, exist_ok=True)
+    averages = profiler.key_averages()
+    text = [f"## sorted by {key}\n" + averages.table(sort_by=key, row_limit=rows, max_name_column_width=70)
+            for key in ("self_cuda_time_total", "self_cpu_time_total")]
+    (out / f"profile-{name}.txt").write_text("\n".join(text))
+    print(f"==== {name} (top by device time)\n"
+          + averages.table(sort_by="self_cuda_time_total", row_limit=12, max_name_column_width=50), flush=True)
+
+
+def new_profiler():
+    from torch.profiler import ProfilerActivity, profile
+
+    return profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
+
+
+class ProfileSteps(L.Callback):
+    """torch.profiler over the training steps [first, first + count); the table is written when they end."""
+
+    def __init__(self, first: int, count: int, name: str):
+        self.first, self.count, self.name = first, count, name
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.first:
+            torch.cuda.synchronize()
+            self.profiler = new_profiler().__enter__()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == self.first + self.count:
+            torch.cuda.synchronize()
+            self.profiler.__exit__(None, None, None)
+            profiler_table(self.profiler, self.name)
+
+
 def report(bench: str, name: str, **fields) -> dict:
     record = {"bench": bench, "name": name, "card": device_name(), "date": DATE, **fields}
     line = json.dumps(record, default=float)
@@ -101,8 +138,6 @@ def report(bench: str, name: str, **fields) -> dict:
 
 def lightning_trainer(steps: int, callbacks: list, max_epochs: int = -1):
     """A bf16-mixed single-GPU Trainer with every extra (logging, checkpoints, progress bar) off."""
-    import lightning as L
-
     return L.Trainer(
         accelerator="gpu",
         devices=1,

@@ -57,34 +57,40 @@ def single_token_words(tokenizer) -> list[str]:
     return words
 
 
-def make_batches(words: list[str], samples: int, count: int) -> list[dict]:
-    rng = random.Random(0)
+def make_batches(words: list[str], samples: int, count: int, seed: int = 0) -> list[dict]:
+    rng = random.Random(seed)
     batches = []
     for _ in range(count):
         captions = [" ".join(rng.choice(words) for _ in range(rng.randint(13, 26))) for _ in range(samples)]
-        codes = torch.randint(8192, (samples, 32), generator=torch.Generator().manual_seed(len(batches)))
+        codes = torch.randint(8192, (samples, 32), generator=torch.Generator().manual_seed(1000 * seed + len(batches)))
         batches.append({"codes": codes, "caption": captions, "meta": [{} for _ in range(samples)],
                         "key": [str(i) for i in range(samples)]})
     return batches
 
 
+VARIANTS = {
+    "packed": {},  # frozen base weights in bf16 (frozen_dtype auto under bf16-mixed)
+    "packed-fp32-frozen": {"frozen_dtype": "float32"},
+    "packed-compile": {"compile": True},
+    "padded-compile": {"packing": False, "compile": True},
+}
+
+
 def project(folder: str, batches: list[dict], steps: int, warmup: int, peak: float, max_length: int,
-            frozen_bf16: bool, baseline_rate: float) -> None:
+            variant: str, baseline_rate: float, callbacks: tuple = ()) -> None:
     from seed_lightning.callbacks.throughput import ThroughputCallback
     from seed_lightning.models.mllm import MultimodalLMConfig
     from seed_lightning.training.mllm_module import MLLMModule
 
     reset_memory()
-    module = MLLMModule(MultimodalLMConfig(pretrained=folder), max_length=max_length, packing=True)
-    if frozen_bf16:  # frozen base weights stored in bf16: half the memory, no per-step fp32->bf16 casts
-        for parameter in module.parameters():
-            if not parameter.requires_grad:
-                parameter.data = parameter.data.to(torch.bfloat16)
+    torch._dynamo.reset()
+    options = {"packing": True, **VARIANTS[variant]}
+    module = MLLMModule(MultimodalLMConfig(pretrained=folder), max_length=max_length, **options)
     per_token, _ = linear_flops_per_token(module.mllm.model)
     original_collate = module.collate
 
-    def collate(samples):
-        rows = original_collate(samples)
+    def collate(samples, prompt_lengths=None):
+        rows = original_collate(samples, prompt_lengths)
         module.bench_tokens = int((rows.segment_ids > 0).sum())
         module.bench_rows = rows.input_ids.shape
         return rows
@@ -94,16 +100,16 @@ def project(folder: str, batches: list[dict], steps: int, warmup: int, peak: flo
     module.flops_per_token = lambda: per_token
     meter = ThroughputCallback(peak_flops=peak, log_every_n_steps=steps, skip_first_steps=warmup)
     reset_memory()
-    lightning_trainer(warmup + steps, [meter]).fit(module, loader(lambda i: batches[i % len(batches)], warmup + steps))
+    lightning_trainer(warmup + steps, [meter, *callbacks]).fit(module, loader(lambda i: batches[i % len(batches)], warmup + steps))
     rate = meter.history[-1]["tokens_per_sec"]
-    report("mllm", f"project MLLMModule packed L={max_length}{' frozen-bf16' if frozen_bf16 else ''}",
+    report("mllm", f"project MLLMModule {variant} L={max_length}", variant=options,
            useful_tokens_per_sec=rate, samples_per_step=len(batches[0]["caption"]), rows_shape=list(module.bench_rows),
            gflops_per_token=per_token / 1e9, flops_formula="sum over nn.Linear: 6N trainable, 4N frozen",
            **mfu_fields(rate * per_token, peak), peak_mem_gib=peak_memory_gib(), ratio_to_baseline=rate / baseline_rate)
     del module
 
 
-def baseline(folder: str, batches: list[dict], steps: int, warmup: int, peak: float) -> float:
+def baseline(folder: str, batches: list[dict], steps: int, warmup: int, peak: float, profile=None) -> float:
     import peft
     from transformers import AutoTokenizer, OPTForCausalLM
 
@@ -141,6 +147,8 @@ def baseline(folder: str, batches: list[dict], steps: int, warmup: int, peak: fl
         optimizer.zero_grad(set_to_none=True)
 
     seconds = cuda_time(step, warmup=warmup, iters=steps)
+    if profile is not None:
+        profile(step, "mllm-baseline", 2)
     tokens = sum(int((p.segment_ids > 0).sum()) for p in padded) / len(padded)
     rate = tokens / seconds
     report("mllm", "baseline plain HF+peft padded-to-longest", useful_tokens_per_sec=rate,
@@ -156,7 +164,8 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=256)
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--max-length", type=int, nargs="+", default=[256, 1024])
+    parser.add_argument("--max-length", type=int, nargs="+", default=[256])
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     args = parser.parse_args()
     from transformers import AutoTokenizer
 
@@ -167,12 +176,13 @@ def main() -> None:
         words = single_token_words(AutoTokenizer.from_pretrained(folder))
         batches = make_batches(words, args.samples, 4)
         base = baseline(folder, batches, args.steps, args.warmup, peak)
-        variants = [(length, True) for length in args.max_length] + [(args.max_length[0], False)]
-        for max_length, frozen_bf16 in variants:
-            try:
-                project(folder, batches, args.steps, args.warmup, peak, max_length, frozen_bf16, base)
-            except torch.OutOfMemoryError:
-                report("mllm", f"project L={max_length} frozen_bf16={frozen_bf16}: out of memory")
+        for max_length in args.max_length:
+            for variant in args.variants:
+                try:
+                    project(folder, batches, args.steps, args.warmup, peak, max_length, variant, base)
+                except Exception as error:  # one failing variant must not cost the others' device time
+                    report("mllm", f"project {variant} L={max_length}: FAILED {error!r}")
+
 
 if __name__ == "__main__":
     main()

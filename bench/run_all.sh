@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # GPU benchmarks. Results: RESULT lines on stdout and $BENCH_OUT/results.jsonl (default ./bench_out).
-#   bash bench/run_all.sh            # everything (about 12 min on one H100)
-#   bash bench/run_all.sh tokenizer  # data pipeline + stage 1 + stage 2
+#   bash bench/run_all.sh            # everything on one GPU (about 15 min on one H200)
+#   bash bench/run_all.sh tokenizer  # stage 1 + stage 2 + data pipeline
 #   bash bench/run_all.sh mllm       # MLLM only
+#   bash bench/run_all.sh scaling    # DDP/FSDP scaling on every GPU of the host (>= 2 GPUs)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export BENCH_OUT=${BENCH_OUT:-$PWD/bench_out} PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
@@ -15,10 +16,16 @@ $PY -c "import lightning" 2>/dev/null || $PY -m pip install -q --no-deps --no-in
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 cd bench
 if [[ $PART == all || $PART == tokenizer ]]; then
-  $PY stage1.py --batch 256 64 --steps 10 || echo "FAILED stage1"
-  $PY stage2.py --batch 256 --batches 16 --epochs 3 || echo "FAILED stage2"
+  $PY stage1.py --batch 256 --steps 10 --variants default fp8 || echo "FAILED stage1"
+  $PY stage2.py --batch 256 2048 --batches 16 4 --epochs 3 --compile || echo "FAILED stage2"
   $PY data_pipeline.py --workers 1 4 8 16 || echo "FAILED data_pipeline"
 fi
 if [[ $PART == all || $PART == mllm ]]; then
-  $PY mllm.py --samples 256 --steps 8 --max-length 256 1024 || echo "FAILED mllm"
+  $PY mllm.py --samples 256 --steps 8 --warmup 4 || echo "FAILED mllm"
+fi
+if [[ $PART == scaling ]]; then
+  GPUS=$(nvidia-smi -L | wc -l)
+  $PY scaling.py --model stage1 --devices 1 "$GPUS" --batch 256 --steps 10 || echo "FAILED stage1 scaling"
+  $PY scaling.py --model mllm --strategy ddp --devices 1 "$GPUS" --batch 128 --steps 6 || echo "FAILED mllm ddp scaling"
+  $PY scaling.py --model mllm --strategy fsdp --devices 1 "$GPUS" --batch 128 --steps 6 || echo "FAILED mllm fsdp scaling"
 fi

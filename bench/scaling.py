@@ -1,10 +1,14 @@
-"""Stage-1 DDP scaling: the real TokenizerModule (ViT-g/14 + BERT-base Causal Q-Former, ITC with
-negatives gathered from every rank) under a bf16-mixed DDP Trainer on 1..N GPUs of one host.
+"""Multi-GPU scaling on 1..N GPUs of one host, bf16-mixed, the project's real LightningModules:
+- `--model stage1`: TokenizerModule stage 1 (ViT-g/14 + BERT-base Causal Q-Former, ITC with negatives
+  gathered from every rank) under DDP; `--batch` images per GPU.
+- `--model mllm`: MLLMModule (OPT-2.7B + LoRA r16, packed caption-length samples) under DDP or, with
+  `--strategy fsdp`, FSDP (FULL_SHARD, one unit per decoder layer, as conf/trainer/fsdp.yaml); `--batch`
+  samples per GPU.
 
-Each rank trains on its own batch of `--batch` images; scaling efficiency at N GPUs = per-GPU images/s
-at N over per-GPU images/s at 1 (same machine, same run of this script).
+Scaling efficiency at N GPUs = per-GPU samples/s at N over per-GPU samples/s at 1 (same machine, same run).
 
-    python bench/stage1_ddp.py --devices 1 2 4 --batch 128 --steps 10 [--comm-hook bf16]
+    python bench/scaling.py --model stage1 --devices 1 2 4 --batch 256 --steps 10 [--comm-hook bf16]
+    python bench/scaling.py --model mllm --strategy fsdp --devices 1 2 4 --batch 128 --steps 6
 """
 
 import argparse
@@ -12,7 +16,9 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 
@@ -39,11 +45,16 @@ class StepTimer:
         self.seconds = time.perf_counter() - self.start
 
 
-def ddp_strategy(devices: int, comm_hook: str):
-    """Plain DDP, or DDP whose gradient all-reduce runs in bf16 (half the bytes on the wire)."""
+def strategy_for(name: str, devices: int, comm_hook: str):
+    """DDP (optionally with its gradient all-reduce in bf16), or FSDP as conf/trainer/fsdp.yaml (OPT units)."""
+    from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy
+
+    if name == "fsdp":
+        from transformers.models.opt.modeling_opt import OPTDecoderLayer
+
+        return FSDPStrategy(auto_wrap_policy={OPTDecoderLayer}, sharding_strategy="FULL_SHARD")
     if devices == 1:
         return "auto"
-    from lightning.pytorch.strategies import DDPStrategy
     from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
     if comm_hook == "bf16":
@@ -51,65 +62,103 @@ def ddp_strategy(devices: int, comm_hook: str):
     return DDPStrategy()
 
 
-def worker(devices: int, batch: int, steps: int, warmup: int, comm_hook: str) -> None:
-    """Runs inside the Lightning DDP launch: every rank executes this."""
-    import lightning as L
-
+def stage1_module_and_batches(batch: int, local_rank: int):
     from seed_lightning.models.tokenizer import SeedTokenizerConfig
     from seed_lightning.training.optim import OptimConfig
     from seed_lightning.training.tokenizer_module import TokenizerModule
 
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
     with torch.device(f"cuda:{local_rank}"):  # random init on this rank's GPU
         module = TokenizerModule(SeedTokenizerConfig(), TEXT_TOKENIZER, stage="contrastive",
                                  optim=OptimConfig(lr=3e-5, min_lr=3e-6, warmup_start_lr=3e-7))
     generator = torch.Generator().manual_seed(local_rank)
     pixels = torch.randn(batch, 3, 224, 224, generator=generator).pin_memory()
     captions = random_captions(batch, generator)
+    return module, lambda index: {"pixel_values": pixels, "caption": captions, "key": [f"{index}-{i}" for i in range(batch)]}
 
-    def make(index):
-        return {"pixel_values": pixels, "caption": captions, "key": [f"{index}-{i}" for i in range(batch)]}
 
+def mllm_module_and_batches(work: Path, local_rank: int):
+    from seed_lightning.models.mllm import MultimodalLMConfig
+    from seed_lightning.training.mllm_module import MLLMModule
+
+    module = MLLMModule(MultimodalLMConfig(pretrained=str(work / "opt")), max_length=256, packing=True)
+    batches = torch.load(work / f"batches-{local_rank % 2}.pt")
+    return module, lambda index: batches[index % len(batches)]
+
+
+def worker(model: str, strategy: str, devices: int, batch: int, steps: int, warmup: int, comm_hook: str,
+           work: Path) -> None:
+    """Runs inside the Lightning launch: every rank executes this."""
+    import lightning as L
+
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if model == "mllm":
+        module, make = mllm_module_and_batches(work, local_rank)
+    else:
+        module, make = stage1_module_and_batches(batch, local_rank)
     timer = type("Timer", (StepTimer, L.Callback), {})(warmup)
-    trainer = L.Trainer(accelerator="gpu", devices=devices, strategy=ddp_strategy(devices, comm_hook),
+    trainer = L.Trainer(accelerator="gpu", devices=devices, strategy=strategy_for(strategy, devices, comm_hook),
                         precision="bf16-mixed", max_steps=warmup + steps, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
                         limit_val_batches=0, callbacks=[timer], use_distributed_sampler=False)
     trainer.fit(module, loader(make, warmup + steps + 2))
     if trainer.is_global_zero:
         per_gpu = batch * timer.steps / timer.seconds
-        print("RESULT " + json.dumps({"bench": "stage1_ddp", "devices": devices, "batch_per_gpu": batch, "comm_hook": comm_hook,
-                                      "images_per_sec_per_gpu": per_gpu, "images_per_sec_total": per_gpu * devices,
+        print("RESULT " + json.dumps({"bench": f"scaling-{model}", "devices": devices, "batch_per_gpu": batch,
+                                      "strategy": type(trainer.strategy).__name__, "comm_hook": comm_hook,
+                                      "samples_per_sec_per_gpu": per_gpu, "samples_per_sec_total": per_gpu * devices,
+                                      "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30,
                                       "device": torch.cuda.get_device_name()}), flush=True)
+
+
+def prepare_mllm(work: Path, batch: int) -> None:
+    """The random OPT-2.7B folder and two sets of caption batches (one per rank parity), made once."""
+    from transformers import AutoTokenizer
+
+    import mllm
+
+    mllm.random_opt_folder(work / "opt")
+    words = mllm.single_token_words(AutoTokenizer.from_pretrained(work / "opt"))
+    for parity in (0, 1):
+        torch.save(mllm.make_batches(words, batch, 4, seed=parity), work / f"batches-{parity}.pt")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
+    parser.add_argument("--model", choices=["stage1", "mllm"], default="stage1")
+    parser.add_argument("--strategy", choices=["ddp", "fsdp"], default="ddp", help="fsdp: mllm only")
     parser.add_argument("--devices", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--comm-hook", choices=["none", "bf16"], default="none")
     parser.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--work", type=Path, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker is not None:
-        worker(args.worker, args.batch, args.steps, args.warmup, args.comm_hook)
+        worker(args.model, args.strategy, args.worker, args.batch, args.steps, args.warmup, args.comm_hook, args.work)
         return
+    if args.strategy == "fsdp" and args.model != "mllm":
+        parser.error("--strategy fsdp is for --model mllm")
     rates = {}
+    work = Path(tempfile.mkdtemp())
+    if args.model == "mllm":
+        prepare_mllm(work, args.batch)
     for devices in args.devices:
-        # One fresh process per world size: Lightning's DDP launcher re-runs this command on every rank.
-        command = [sys.executable, __file__, "--worker", str(devices), "--batch", str(args.batch),
-                   "--steps", str(args.steps), "--warmup", str(args.warmup), "--comm-hook", args.comm_hook]
+        # One fresh process per world size: Lightning's launcher re-runs this command on every rank.
+        command = [sys.executable, __file__, "--model", args.model, "--strategy", args.strategy,
+                   "--worker", str(devices), "--batch", str(args.batch), "--steps", str(args.steps),
+                   "--warmup", str(args.warmup), "--comm-hook", args.comm_hook, "--work", str(work)]
         result = subprocess.run(command, capture_output=True, text=True)
         for line in result.stdout.splitlines():
             if line.startswith("RESULT "):
                 print(line, flush=True)
-                rates[devices] = json.loads(line[7:])["images_per_sec_per_gpu"]
+                rates[devices] = json.loads(line[7:])["samples_per_sec_per_gpu"]
         if devices not in rates:
             print(f"FAILED {devices} GPUs:\n{result.stderr[-3000:]}", flush=True)
     if 1 in rates:
         for devices, rate in sorted(rates.items()):
-            print(f"SCALING {devices} GPU: {rate:.0f} img/s/GPU, efficiency {rate / rates[1]:.1%}", flush=True)
+            print(f"SCALING {args.model} {devices} GPU: {rate:.0f} samples/s/GPU, efficiency {rate / rates[1]:.1%}",
+                  flush=True)
 
 
 if __name__ == "__main__":

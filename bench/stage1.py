@@ -47,16 +47,24 @@ def flops_per_image(module, batch_fn) -> tuple[float, float]:
     return vit, trainable
 
 
-def project(batch: int, steps: int, warmup: int, peak: float, extra: dict) -> float:
+VARIANTS = {
+    "default": {},  # frozen ViT trunk held and run in bf16 (frozen_dtype auto under bf16-mixed)
+    "compile": {"compile": True},
+    "fp8": {"vision_fp8": True, "compile": True},
+}
+
+
+def project(batch: int, steps: int, warmup: int, peak: float, extra: dict, variant: str = "default") -> float:
     from seed_lightning.callbacks.throughput import ThroughputCallback
     from seed_lightning.models.tokenizer import SeedTokenizerConfig
     from seed_lightning.training.optim import OptimConfig
     from seed_lightning.training.tokenizer_module import TokenizerModule
 
     reset_memory()
+    torch._dynamo.reset()
     with torch.device("cuda"):  # random init on the GPU: seconds instead of a minute on CPU
         module = TokenizerModule(SeedTokenizerConfig(), TEXT_TOKENIZER, stage="contrastive",
-                                 optim=OptimConfig(lr=3e-5, min_lr=3e-6, warmup_start_lr=3e-7))
+                                 optim=OptimConfig(lr=3e-5, min_lr=3e-6, warmup_start_lr=3e-7), **VARIANTS[variant])
     batch_fn = make_batch_fn(batch)
     vit, trainable = flops_per_image(module, batch_fn)
     per_image = vit + 3 * trainable
@@ -66,7 +74,8 @@ def project(batch: int, steps: int, warmup: int, peak: float, extra: dict) -> fl
     lightning_trainer(warmup + steps, [meter]).fit(module, loader(batch_fn, warmup + steps))
     rate = meter.history[-1]["samples_per_sec"]
     extra = {**extra, "ratio_to_baseline": rate / extra["baseline_images_per_sec"]}
-    report("stage1", f"project TokenizerModule contrastive B={batch}", batch=batch, images_per_sec=rate,
+    report("stage1", f"project TokenizerModule contrastive {variant} B={batch}", batch=batch, images_per_sec=rate,
+           variant=VARIANTS[variant],
            vit_fwd_gflops_per_image=vit / 1e9, trainable_fwd_gflops_per_image=trainable / 1e9,
            flops_formula="ViT fwd + 3 x (Q-Former+text+proj fwd), FlopCounterMode",
            **mfu_fields(rate * per_image, peak), peak_mem_gib=peak_memory_gib(), **extra)
@@ -141,13 +150,18 @@ def main() -> None:
     parser.add_argument("--batch", type=int, nargs="+", default=[256])
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--variants", nargs="+", default=["default", "fp8"], choices=list(VARIANTS))
     args = parser.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = True
     peak = measured_bf16_peak()
     report("stage1", "bf16 matmul peak 8192^3", tflops=peak / 1e12, device=device_name())
     for batch in args.batch:
         base = baseline(batch, args.steps, args.warmup, peak)
-        project(batch, args.steps, args.warmup, peak, {"baseline_images_per_sec": base})
+        for variant in args.variants:
+            try:
+                project(batch, args.steps, args.warmup, peak, {"baseline_images_per_sec": base}, variant)
+            except Exception as error:  # one failing variant must not cost the others' device time
+                report("stage1", f"project {variant} B={batch}: FAILED {error!r}")
 
 
 if __name__ == "__main__":

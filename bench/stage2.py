@@ -5,7 +5,7 @@ paper's 256 images/GPU: `cache_embeddings=True` (epoch 1 fills the disk cache, l
 against `cache_embeddings=False` (every epoch re-runs the frozen ViT-g + Q-Former). L_gen is off on
 both sides (its target, SD's CLIP text encoder, is a further frozen tower; see RESULTS.md).
 
-    python bench/stage2.py --batch 256 --batches 16
+    python bench/stage2.py --batch 256 2048 --batches 16 4 --compile
 """
 
 import argparse
@@ -33,7 +33,7 @@ class EpochTimer(L.Callback):
         self.seconds.append(time.perf_counter() - self._start)
 
 
-def run(cache: bool, batch: int, batches: int, epochs: int) -> list[float]:
+def run(cache: bool, batch: int, batches: int, epochs: int, compile: bool = False) -> list[float]:
     from seed_lightning.models.tokenizer import SeedTokenizerConfig
     from seed_lightning.training.tokenizer_module import TokenizerModule
 
@@ -48,7 +48,7 @@ def run(cache: bool, batch: int, batches: int, epochs: int) -> list[float]:
     with tempfile.TemporaryDirectory() as cache_dir:
         with torch.device("cuda"):
             module = TokenizerModule(SeedTokenizerConfig(), TEXT_TOKENIZER, stage="codebook",
-                                     cache_embeddings=cache, cache_dir=cache_dir)
+                                     cache_embeddings=cache, cache_dir=cache_dir, compile=compile)
         timer = EpochTimer()
         lightning_trainer(-1, [timer], max_epochs=epochs).fit(module, loader(make, batches))
     return timer.seconds
@@ -56,22 +56,24 @@ def run(cache: bool, batch: int, batches: int, epochs: int) -> list[float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--batch", type=int, default=256)
-    parser.add_argument("--batches", type=int, default=16)
+    parser.add_argument("--batch", type=int, nargs="+", default=[256])
+    parser.add_argument("--batches", type=int, nargs="+", default=[16], help="batches per epoch, one per --batch")
     parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--compile", action="store_true", help="also measure the cached side with compile=True")
     args = parser.parse_args()
-    recompute = run(False, args.batch, args.batches, args.epochs)
-    mem_recompute = peak_memory_gib()
-    cached = run(True, args.batch, args.batches, args.epochs)
-    images = args.batch * args.batches
-    # Epoch 0 of each side includes warm-up (and, cached, the cache filling): compare the later epochs.
-    recompute_epoch = min(recompute[1:])
-    cached_epoch = min(cached[1:])
-    report("stage2", f"recompute encoders B={args.batch}", epoch_seconds=recompute, images_per_epoch=images,
-           images_per_sec=images / recompute_epoch, peak_mem_gib=mem_recompute)
-    report("stage2", f"project cached embeddings B={args.batch}", epoch_seconds=cached, images_per_epoch=images,
-           images_per_sec=images / cached_epoch, first_epoch_fills_cache_s=cached[0],
-           speedup_vs_recompute=recompute_epoch / cached_epoch, peak_mem_gib=peak_memory_gib())
+    for batch, batches in zip(args.batch, args.batches, strict=True):
+        images = batch * batches
+        recompute = run(False, batch, batches, args.epochs)
+        # Epoch 0 of each side includes warm-up (and, cached, the cache filling): compare the later epochs.
+        recompute_epoch = min(recompute[1:])
+        report("stage2", f"recompute encoders B={batch}", epoch_seconds=recompute, images_per_epoch=images,
+               images_per_sec=images / recompute_epoch, peak_mem_gib=peak_memory_gib())
+        for compile in [False, True] if args.compile else [False]:
+            cached = run(True, batch, batches, args.epochs, compile)
+            cached_epoch = min(cached[1:])
+            report("stage2", f"project cached embeddings{' compiled' if compile else ''} B={batch}", epoch_seconds=cached,
+                   images_per_epoch=images, images_per_sec=images / cached_epoch, first_epoch_fills_cache_s=cached[0],
+                   speedup_vs_recompute=recompute_epoch / cached_epoch, peak_mem_gib=peak_memory_gib())
 
 
 if __name__ == "__main__":
