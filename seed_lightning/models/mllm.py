@@ -307,7 +307,9 @@ class MultimodalLM(nn.Module):
             input_ids[row, longest - len(prompt):] = torch.tensor(prompt)
             attention_mask[row, longest - len(prompt):] = 1
         dtype = self.compute_dtype  # mixed-dtype weights run under autocast, as they do in training
-        with _eval_mode(self.model), torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None):
+        # Compiled layers (a training option) run eagerly here: decoding changes shapes every step.
+        with _eval_mode(self.model), torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None), \
+                torch.compiler.set_stance("force_eager"):
             output = self.model.generate(
                 input_ids=input_ids.to(self.device),
                 attention_mask=attention_mask.to(self.device),

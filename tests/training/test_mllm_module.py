@@ -281,3 +281,12 @@ def test_compile_compiles_every_decoder_layer():
     layers = module.mllm.decoder_layers()
     assert len(layers) == module.mllm.model.get_base_model().config.num_hidden_layers
     assert all(layer._compiled_call_impl is not None for layer in layers)
+    # Generation (new shapes every decoding step) runs the layers eagerly, never through the compiler.
+    compiled_calls = []
+    for layer in layers:
+        layer.compile(backend=lambda graph, inputs: compiled_calls.append(1) or graph)
+    assert len(module.mllm.caption(token_batch(2)["codes"], max_new_tokens=2)) == 2
+    assert compiled_calls == []
+    module.log = lambda *args, **kwargs: None
+    module.training_step(token_batch(), 0)  # training does go through the compiled layers
+    assert compiled_calls
