@@ -5,7 +5,7 @@ trainable rest of the step) and a torch.profiler table of the whole step. Stage 
 of cached-embedding steps under the Lightning Trainer. MLLM: profiler tables of the packed project
 step and the padded HF baseline step. Tables go to $BENCH_OUT/profile-*.txt.
 
-    python bench/profile_steps.py --parts stage1 stage2 mllm
+    python bench/profile_steps.py --parts stage1 stage2 mllm [--mllm-variant packed-compile --no-mllm-baseline]
 """
 
 import argparse
@@ -124,7 +124,7 @@ def stage2(batch: int, batches: int) -> None:
     report("profile-stage2", "cached epochs (last one profiled)", epoch_seconds=timer.seconds, batches=batches, batch=batch)
 
 
-def mllm(samples: int) -> None:
+def mllm(samples: int, variant: str, baseline: bool) -> None:
     import tempfile
 
     import mllm as bench3
@@ -134,19 +134,27 @@ def mllm(samples: int) -> None:
         folder = bench3.random_opt_folder(Path(tmp))
         words = bench3.single_token_words(AutoTokenizer.from_pretrained(folder))
         batches = bench3.make_batches(words, samples, 2)
-        bench3.baseline(folder, batches, steps=3, warmup=2, peak=800e12, profile=profile)
-        bench3.project(folder, batches, steps=4, warmup=2, peak=800e12, max_length=256, variant="packed", baseline_rate=1.0,
-                       callbacks=[ProfileSteps(3, 2, "mllm-project")])
+        if baseline:
+            bench3.baseline(folder, batches, steps=3, warmup=2, peak=800e12, profile=profile)
+        bench3.project(folder, batches, steps=4, warmup=4, peak=800e12, max_length=256, variant=variant, baseline_rate=1.0,
+                       callbacks=[ProfileSteps(5, 2, f"mllm-{variant}")])
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--parts", nargs="+", default=["stage1", "stage2", "mllm"])
     parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--mllm-variant", default="packed")
+    parser.add_argument("--no-mllm-baseline", action="store_true")
     args = parser.parse_args()
     for part in args.parts:
         try:
-            {"stage1": lambda: stage1(args.batch), "stage2": lambda: stage2(args.batch, 12), "mllm": lambda: mllm(256)}[part]()
+            parts = {
+                "stage1": lambda: stage1(args.batch),
+                "stage2": lambda: stage2(args.batch, 12),
+                "mllm": lambda: mllm(256, args.mllm_variant, not args.no_mllm_baseline),
+            }
+            parts[part]()
         except Exception as error:  # one failing part must not cost the others' device time
             import traceback
 
