@@ -4,33 +4,13 @@ import logging
 import os
 
 import pytest
+from tests.faults.regression import Regression
 import torch
-from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
-from torch import nn
-from torch.nn import functional as F
-from torch.utils.data import DataLoader, TensorDataset
 
 from seed_lightning.errors import ConfigError
 from seed_lightning.training.checkpointing import AtomicCheckpointIO, checkpoint_problem, resolve_resume_path
-
-
-class Regression(LightningModule):
-    def __init__(self):
-        super().__init__()
-        self.layer = nn.Linear(4, 1)
-
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        return F.mse_loss(self.layer(x), y)
-
-    def configure_optimizers(self):
-        return torch.optim.Adam(self.parameters(), lr=1e-2)
-
-    def train_dataloader(self):
-        generator = torch.Generator().manual_seed(0)
-        data = TensorDataset(torch.randn(64, 4, generator=generator), torch.randn(64, 1, generator=generator))
-        return DataLoader(data, batch_size=8)
 
 
 def training_state(step: int, size: int = 16) -> dict:
