@@ -7,10 +7,9 @@ from typing import Any
 import lightning as L
 
 from seed_lightning.callbacks.validation import (
+    IndexedValidationCallback,
     add_to_tensorboard,
     check_positive,
-    evaluates_now,
-    merge_ranks,
     publish,
     require_attribute,
     results_dir,
@@ -22,7 +21,7 @@ CAPTION_METRIC_NAMES = {"Bleu_1": "BLEU_1", "Bleu_2": "BLEU_2", "Bleu_3": "BLEU_
 """pycocoevalcap's score names -> the names logged under val/."""
 
 
-class CaptionMetricsCallback(L.Callback):
+class CaptionMetricsCallback(IndexedValidationCallback):
     """Captions the val images of an MLLM module (``pl_module.mllm.caption`` on ``batch["codes"]``) and
     scores them against each image's references (``meta["captions"]``) with pycocoevalcap.
 
@@ -49,50 +48,37 @@ class CaptionMetricsCallback(L.Callback):
             max_images: Caption only the first this many val images (None: all).
             num_logged_samples: Predicted captions (with a reference) shown as TensorBoard text.
         """
-        super().__init__()
-        check_positive(num_beams=num_beams, max_new_tokens=max_new_tokens, every_n_epochs=every_n_epochs,
-                       max_images=max_images)
+        super().__init__(every_n_epochs)
+        check_positive(num_beams=num_beams, max_new_tokens=max_new_tokens, max_images=max_images)
         self.num_beams = num_beams
         self.max_new_tokens = max_new_tokens
         self.meteor = meteor
-        self.every_n_epochs = every_n_epochs
         self.max_images = max_images
         self.num_logged_samples = num_logged_samples
-        self._outputs: dict[int, dict[str, Any]] = {}
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         check_java()  # before training starts, not at the first validation
         require_attribute(pl_module, "mllm", type(self).__name__)
 
-    def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._outputs = {}
-
-    def on_validation_batch_end(
-        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: dict, batch_idx: int,
-        dataloader_idx: int = 0,
-    ) -> None:
-        if not evaluates_now(trainer, self.every_n_epochs):
-            return
+    def collect(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: dict) -> dict[int, dict[str, Any]]:
         indices = batch["index"].tolist()
         rows = [row for row, index in enumerate(indices) if self.max_images is None or index < self.max_images]
         if not rows:
-            return
+            return {}
         captions = pl_module.mllm.caption(
             batch["codes"][rows], max_new_tokens=self.max_new_tokens, num_beams=self.num_beams
         )
+        outputs = {}
         for row, caption in zip(rows, captions, strict=True):
             meta = batch["meta"][row]
-            self._outputs[indices[row]] = {
+            outputs[indices[row]] = {
                 "image_id": meta.get("image_id", batch["key"][row]),
                 "caption": caption,
                 "references": list(meta.get("captions") or [batch["caption"][row]]),
             }
+        return outputs
 
-    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if not evaluates_now(trainer, self.every_n_epochs):
-            return
-        merged = merge_ranks(self._outputs)
-        self._outputs = {}
+    def finish(self, trainer: L.Trainer, pl_module: L.LightningModule, merged: dict[int, dict[str, Any]]) -> None:
         metrics = None
         if trainer.is_global_zero and merged:
             metrics = self.score(merged.values(), results_dir(trainer) / f"captions_epoch{trainer.current_epoch}.json")

@@ -19,10 +19,10 @@ import torch
 from PIL import Image
 
 from seed_lightning.callbacks.validation import (
+    IndexedValidationCallback,
     add_to_tensorboard,
     check_positive,
     evaluates_now,
-    merge_ranks,
     publish,
     require_attribute,
     results_dir,
@@ -41,7 +41,7 @@ def denormalize(pixel_values: torch.Tensor, mean, std) -> list[Image.Image]:
     return [Image.fromarray(image.permute(1, 2, 0).numpy(), "RGB") for image in pixels]
 
 
-class CLIPScoreCallback(L.Callback):
+class CLIPScoreCallback(IndexedValidationCallback):
     """Generates images for the first `num_images` val samples and scores them with CLIP (see module doc)."""
 
     def __init__(
@@ -71,9 +71,8 @@ class CLIPScoreCallback(L.Callback):
             grid_images: Samples shown in the TensorBoard image grid (0: no grid).
             every_n_epochs: Evaluate after every n-th training epoch (trainer.validate always evaluates).
         """
-        super().__init__()
-        check_positive(num_images=num_images, num_inference_steps=num_inference_steps, every_n_epochs=every_n_epochs,
-                       top_k=top_k)
+        super().__init__(every_n_epochs)
+        check_positive(num_images=num_images, num_inference_steps=num_inference_steps, top_k=top_k)
         if temperature <= 0:
             raise ConfigError(f"temperature must be > 0, got {temperature}")
         self.clip_model = clip_model
@@ -85,10 +84,8 @@ class CLIPScoreCallback(L.Callback):
         self.temperature = temperature
         self.top_k = top_k
         self.grid_images = grid_images
-        self.every_n_epochs = every_n_epochs
         self.scorer: CLIPScorer | None = None
         self.decoder: ImageDecoder | None = None
-        self._outputs: dict[int, dict[str, Any]] = {}
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if hasattr(pl_module, "mllm"):
@@ -102,26 +99,21 @@ class CLIPScoreCallback(L.Callback):
                 seed=self.seed,
             )
 
-    def _active(self, trainer: L.Trainer, pl_module: L.LightningModule) -> bool:
+    def active(self, trainer: L.Trainer, pl_module: L.LightningModule) -> bool:
         generates = hasattr(pl_module, "mllm") or getattr(pl_module, "stage", None) == "codebook"
         return generates and evaluates_now(trainer, self.every_n_epochs)
 
     def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._outputs = {}
-        if self._active(trainer, pl_module):
+        super().on_validation_epoch_start(trainer, pl_module)
+        if self.active(trainer, pl_module):
             self.scorer.to(pl_module.device)
             self.decoder.to(pl_module.device)
 
-    def on_validation_batch_end(
-        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: dict, batch_idx: int,
-        dataloader_idx: int = 0,
-    ) -> None:
-        if not self._active(trainer, pl_module):
-            return
+    def collect(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: dict) -> dict[int, dict[str, Any]]:
         indices = batch["index"].tolist()
         rows = [row for row, index in enumerate(indices) if index < self.num_images]
         if not rows:
-            return
+            return {}
         captions = [batch["caption"][row] for row in rows]
         if hasattr(pl_module, "mllm"):
             originals = None
@@ -141,10 +133,11 @@ class CLIPScoreCallback(L.Callback):
         regenerated_features = self.scorer.image_features(regenerated).float().cpu()
         text_features = self.scorer.text_features(captions).float().cpu()
         original_features = None if originals is None else self.scorer.image_features(originals).float().cpu()
+        outputs = {}
         for position, (row, caption) in enumerate(zip(rows, captions)):
             index = indices[row]
             shown = index < self.grid_images
-            self._outputs[index] = {
+            outputs[index] = {
                 "caption": caption,
                 "regenerated": regenerated_features[position],
                 "text": text_features[position],
@@ -153,12 +146,9 @@ class CLIPScoreCallback(L.Callback):
                 "images": (([] if originals is None else [originals[position]]) + [regenerated[position]])
                 if shown else None,
             }
+        return outputs
 
-    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if not self._active(trainer, pl_module):
-            return
-        merged = merge_ranks(self._outputs)
-        self._outputs = {}
+    def finish(self, trainer: L.Trainer, pl_module: L.LightningModule, merged: dict[int, dict[str, Any]]) -> None:
         metrics = None
         if trainer.is_global_zero and merged:
             metrics = self.score(list(merged.values()))

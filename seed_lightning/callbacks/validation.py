@@ -66,3 +66,44 @@ def check_positive(**values: int | None) -> None:
     for name, value in values.items():
         if value is not None and value < 1:
             raise ConfigError(f"{name} must be >= 1, got {value}")
+
+
+class IndexedValidationCallback(L.Callback):
+    """Base of the evaluation callbacks, following the pattern above: during validation each rank
+    collects ``{val index: output}`` (`collect`); at epoch end the outputs of every rank, merged by
+    index, go to `finish` on every rank (which scores on rank 0 and calls `publish`).
+    `active` says whether this validation epoch is evaluated."""
+
+    def __init__(self, every_n_epochs: int = 1) -> None:
+        super().__init__()
+        check_positive(every_n_epochs=every_n_epochs)
+        self.every_n_epochs = every_n_epochs
+        self._outputs: dict[int, Any] = {}
+
+    def active(self, trainer: L.Trainer, pl_module: L.LightningModule) -> bool:
+        return evaluates_now(trainer, self.every_n_epochs)
+
+    def collect(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: dict) -> dict[int, Any]:
+        """This rank's outputs for one val batch, by val index."""
+        raise NotImplementedError
+
+    def finish(self, trainer: L.Trainer, pl_module: L.LightningModule, merged: dict[int, Any]) -> None:
+        """Score the outputs of every rank (called on every rank: it must reach `publish`)."""
+        raise NotImplementedError
+
+    def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._outputs = {}
+
+    def on_validation_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: dict, batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        if self.active(trainer, pl_module):
+            self._outputs.update(self.collect(trainer, pl_module, batch))
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not self.active(trainer, pl_module):
+            return
+        merged = merge_ranks(self._outputs)
+        self._outputs = {}
+        self.finish(trainer, pl_module, merged)

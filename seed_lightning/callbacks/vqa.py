@@ -7,9 +7,8 @@ from typing import Any
 import lightning as L
 
 from seed_lightning.callbacks.validation import (
+    IndexedValidationCallback,
     check_positive,
-    evaluates_now,
-    merge_ranks,
     publish,
     require_attribute,
     results_dir,
@@ -24,7 +23,7 @@ def _metric_suffix(answer_type: str) -> str:
     return answer_type.replace("/", "_").replace(" ", "_")  # "yes/no" -> "yes_no": one TensorBoard tag
 
 
-class VQAAccuracyCallback(L.Callback):
+class VQAAccuracyCallback(IndexedValidationCallback):
     """For every val image with questions in the VQAv2 files (matched by ``meta["image_id"]``) asks
     ``pl_module.mllm.answer`` and scores with the official VQAv2 rule.
 
@@ -53,18 +52,16 @@ class VQAAccuracyCallback(L.Callback):
             max_new_tokens: Longest answer generated, in LM tokens.
             every_n_epochs: Evaluate after every n-th training epoch (trainer.validate always evaluates).
         """
-        super().__init__()
-        check_positive(num_beams=num_beams, max_new_tokens=max_new_tokens, every_n_epochs=every_n_epochs)
+        super().__init__(every_n_epochs)
+        check_positive(num_beams=num_beams, max_new_tokens=max_new_tokens)
         self.questions_path = questions
         self.annotations_path = annotations
         self.train_annotations_path = train_annotations
         self.num_beams = num_beams
         self.max_new_tokens = max_new_tokens
-        self.every_n_epochs = every_n_epochs
         self._questions_by_image: dict[Any, list[tuple[int, str]]] | None = None
         self._annotations: dict[int, dict[str, Any]] = {}
         self._train_annotations: list[dict[str, Any]] | None = None
-        self._outputs: dict[int, dict[int, str]] = {}
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         require_attribute(pl_module, "mllm", type(self).__name__)
@@ -84,21 +81,14 @@ class VQAAccuracyCallback(L.Callback):
         if self.train_annotations_path is not None:
             self._train_annotations = _read_annotations(self.train_annotations_path)
 
-    def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._outputs = {}
-
-    def on_validation_batch_end(
-        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: dict, batch_idx: int,
-        dataloader_idx: int = 0,
-    ) -> None:
-        if not evaluates_now(trainer, self.every_n_epochs):
-            return
+    def collect(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: dict) -> dict[int, dict[int, str]]:
         asked = []  # (row, question_id, question)
         for row, meta in enumerate(batch["meta"]):
             for question_id, question in self._questions_by_image.get(meta.get("image_id"), []):
                 asked.append((row, question_id, question))
         indices = batch["index"].tolist()
         chunk = len(indices)  # as many prompts per generate call as the val batch has images
+        outputs: dict[int, dict[int, str]] = {}
         for start in range(0, len(asked), chunk):
             part = asked[start : start + chunk]
             answers = pl_module.mllm.answer(
@@ -106,13 +96,10 @@ class VQAAccuracyCallback(L.Callback):
                 max_new_tokens=self.max_new_tokens, num_beams=self.num_beams,
             )
             for (row, question_id, _), answer in zip(part, answers, strict=True):
-                self._outputs.setdefault(indices[row], {})[question_id] = answer
+                outputs.setdefault(indices[row], {})[question_id] = answer
+        return outputs
 
-    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if not evaluates_now(trainer, self.every_n_epochs):
-            return
-        merged = merge_ranks(self._outputs)
-        self._outputs = {}
+    def finish(self, trainer: L.Trainer, pl_module: L.LightningModule, merged: dict[int, dict[int, str]]) -> None:
         predictions = {qid: answer for answers in merged.values() for qid, answer in answers.items()}
         if not predictions:
             raise DataError(
