@@ -71,6 +71,13 @@ class Fp8Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
 
 
+def require_fp8_support(device: torch.device) -> None:
+    """ConfigError on a CUDA GPU without FP8 tensor cores (before Ada/Hopper); the CPU runs _scaled_mm slowly."""
+    if device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
+        raise ConfigError(f"FP8: {torch.cuda.get_device_name(device)} has no FP8 tensor cores (needs H100/H200/Ada); "
+                          "turn FP8 off (vision_fp8: false)")
+
+
 def _refresh_all(module: nn.Module, _args) -> None:
     for child in module.modules():
         if isinstance(child, Fp8Linear):

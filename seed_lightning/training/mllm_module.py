@@ -19,7 +19,6 @@ import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import lightning as L
 import torch
@@ -32,6 +31,7 @@ from seed_lightning.data.text import clean_caption
 from seed_lightning.errors import ConfigError
 from seed_lightning.models.mllm import MultimodalLM, MultimodalLMConfig
 from seed_lightning.models.tokenizer import SeedTokenizer
+from seed_lightning.training.frozen import FrozenDtype, resolve_frozen_dtype
 from seed_lightning.training.optim import OptimConfig, build_optimizer, build_scheduler
 from seed_lightning.training.rng import restore_rng_states, save_rng_states
 
@@ -99,7 +99,7 @@ class MLLMModule(L.LightningModule):
         vqa_train: VQATrainMix | None = None,
         sample_seed: int = 0,
         export_dir: str | None = None,
-        frozen_dtype: Literal["auto", "float32", "bfloat16"] = "auto",
+        frozen_dtype: FrozenDtype = "auto",
         compile: bool = False,
     ):
         """
@@ -174,15 +174,11 @@ class MLLMModule(L.LightningModule):
             return
         self._prepared = True
         fsdp = "fsdp" in type(self.trainer.strategy).__name__.lower()
-        dtype = self.hparams.frozen_dtype
-        if dtype == "auto":
-            dtype = "bfloat16" if str(self.trainer.precision).startswith("bf16") and not fsdp else "float32"
-        if dtype != "float32" and fsdp and self.mllm.config.lora is not None:
-            raise ConfigError("model.frozen_dtype: FSDP flattens each layer's LoRA (fp32) and frozen weights into one "
-                              "tensor of one dtype; use frozen_dtype: float32 (or auto) with FSDP")
+        dtype = resolve_frozen_dtype(self.hparams.frozen_dtype, self.trainer.precision,
+                                     single_dtype_shards=fsdp and self.mllm.config.lora is not None)
         for parameter in self.mllm.parameters():
             if not parameter.requires_grad:
-                parameter.data = parameter.data.to(getattr(torch, dtype))
+                parameter.data = parameter.data.to(dtype)
         if self.hparams.compile:
             for layer in self.mllm.decoder_layers():
                 layer.compile()

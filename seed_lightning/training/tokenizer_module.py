@@ -21,9 +21,10 @@ from seed_lightning.data.embedding_cache import EmbeddingCache
 from seed_lightning.errors import ConfigError
 from seed_lightning.metrics.gather import gather_objects, merge_by_index
 from seed_lightning.metrics.retrieval import retrieval_recall
-from seed_lightning.models.fp8 import convert_linears_to_fp8
+from seed_lightning.models.fp8 import convert_linears_to_fp8, require_fp8_support
 from seed_lightning.models.sd_text_encoder import SDTextEncoder
 from seed_lightning.models.tokenizer import SeedTokenizer, SeedTokenizerConfig
+from seed_lightning.training.frozen import FrozenDtype, resolve_frozen_dtype
 from seed_lightning.training.losses import contrastive_loss, cosine_reconstruction_loss
 from seed_lightning.training.optim import OptimConfig, build_optimizer, build_scheduler
 from seed_lightning.training.rng import restore_rng_states, save_rng_states
@@ -52,7 +53,7 @@ class TokenizerModule(L.LightningModule):
         cache_embeddings: bool = True,
         cache_dir: str | None = None,
         export_dir: str | None = None,
-        frozen_dtype: Literal["auto", "float32", "bfloat16"] = "auto",
+        frozen_dtype: FrozenDtype = "auto",
         vision_fp8: bool = False,
         compile: bool = False,
     ):
@@ -164,19 +165,14 @@ class TokenizerModule(L.LightningModule):
         if self._frozen_prepared:
             return
         self._frozen_prepared = True
-        dtype = self.hparams.frozen_dtype
-        if dtype == "auto":
-            dtype = "bfloat16" if str(self.trainer.precision).startswith("bf16") else "float32"
+        dtype = resolve_frozen_dtype(self.hparams.frozen_dtype, self.trainer.precision)
         for part in self._frozen_parts():
-            part.to(getattr(torch, dtype))
+            part.to(dtype)
         encoder = self.tokenizer.vision.model.encoder
         if self.hparams.vision_fp8:
             if self.tokenizer.vision.config.trainable:
                 raise ConfigError("model.vision_fp8 needs a frozen ViT; set vision.trainable: false or vision_fp8: false")
-            device = self.trainer.strategy.root_device
-            if device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
-                raise ConfigError(f"model.vision_fp8: {torch.cuda.get_device_name(device)} has no FP8 tensor cores "
-                                  "(needs H100/H200/Ada); set vision_fp8: false")
+            require_fp8_support(self.trainer.strategy.root_device)
             convert_linears_to_fp8(encoder)
         if self.hparams.compile:
             # Multi-kernel lets Inductor also try single-pass (persistent) kernels for the LayerNorm/GELU rows
