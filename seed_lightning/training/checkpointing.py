@@ -1,9 +1,12 @@
 """Crash-safe checkpoint files, and the choice of which checkpoint a run resumes from.
 
 `AtomicCheckpointIO` (a Trainer plugin) never leaves a half-written file under a checkpoint's final
-name and keeps the previous `last.ckpt` as `last.prev.ckpt`; `resolve_resume_path` turns
-`ckpt_path: last` into the newest checkpoint that passes `checkpoint_problem`, falling back to
-older ones when the newest is damaged.
+name and keeps the previous `last.ckpt` as `last.prev.ckpt`, never letting a damaged file replace a
+good one; `resolve_resume_path` turns `ckpt_path: last` into the newest checkpoint that passes
+`checkpoint_problem`, falling back to older ones when the newest is damaged.
+
+Which files are good is remembered in the process (see `AtomicCheckpointIO`), so that a multi-GB
+checkpoint is read in full at most once: by the resume decision, or never when this process wrote it.
 """
 
 import glob
@@ -13,6 +16,7 @@ import pickle
 import re
 import secrets
 import shutil
+import time
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -28,11 +32,19 @@ log = logging.getLogger(__name__)
 
 PREVIOUS_MARK = ".prev"
 """`last.ckpt` is kept as `last.prev.ckpt` (`last-v1.ckpt` as `last-v1.prev.ckpt`) when overwritten."""
+DAMAGED_MARK = ".damaged-"
+"""A damaged `last.ckpt` is kept aside as `last.damaged-<YYYYmmdd-HHMMSS>.ckpt`, which no resume picks."""
 
 _LAST_NAME = re.compile(r"last(-v\d+)?(\.prev)?\.ckpt")
 # Ckpt_path values that Lightning resolves itself.
 _LIGHTNING_KEYWORDS = ("best", "hpc", "registry")
 _READ_CHUNK = 1 << 24
+_WEIGHTS_ONLY = "it holds weights only (saved with save_weights_only=True), so training cannot resume from it"
+
+# What this process knows about checkpoint files: (device, inode, size, mtime in ns) -> checkpoint_problem()
+# (None: good). Renames and hard links keep these four; rewriting or truncating a file changes them.
+_verdicts: dict[tuple[int, int, int, int], str | None] = {}
+_MAX_VERDICTS = 1024
 
 
 def _is_remote(path: str | os.PathLike) -> bool:
@@ -54,6 +66,52 @@ def _fsync_directory(directory: Path) -> None:
         os.close(fd)
 
 
+def _identity(path: Path) -> tuple[int, int, int, int] | None:
+    try:
+        status = path.stat()
+    except OSError:
+        return None
+    return status.st_dev, status.st_ino, status.st_size, status.st_mtime_ns
+
+
+def _remember(path: Path, problem: str | None) -> None:
+    identity = _identity(path)
+    if identity is None:
+        return
+    _verdicts.pop(identity, None)
+    _verdicts[identity] = problem
+    if len(_verdicts) > _MAX_VERDICTS:
+        del _verdicts[next(iter(_verdicts))]  # the oldest
+
+
+def _remembered_problem(path: Path) -> str | None:
+    """`checkpoint_problem(path)`, computed only if this process has no verdict on this version of the file."""
+    identity = _identity(path)
+    if identity in _verdicts:
+        return _verdicts[identity]
+    problem = checkpoint_problem(path)
+    _remember(path, problem)
+    return problem
+
+
+def rename_aside(path: Path, mark: str, when: float | None = None) -> Path:
+    """Rename `path` to `<stem><mark><YYYYmmdd-HHMMSS of when (default now)>[-n]<suffix>` in its folder, never
+    over an existing file; returns the new path."""
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(when))
+    aside = path.with_name(f"{path.stem}{mark}{stamp}{path.suffix}")
+    count = 1
+    while aside.exists():
+        aside = path.with_name(f"{path.stem}{mark}{stamp}-{count}{path.suffix}")
+        count += 1
+    os.rename(path, aside)
+    return aside
+
+
+def _set_aside(path: Path, problem: str) -> None:
+    aside = rename_aside(path, DAMAGED_MARK)
+    log.warning(f"Checkpoint {path} is damaged ({problem}): kept aside as {aside.name}, never resumed from.")
+
+
 def previous_path(path: str | os.PathLike) -> Path:
     """Where the previous version of a `last*.ckpt` file is kept: `last.ckpt` -> `last.prev.ckpt`."""
     path = Path(path)
@@ -71,6 +129,18 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     Temporary files left by a killed process are removed at the next save of the same file.
     Remote (fsspec URL) paths go to Lightning's default writer. Use it as
     `Trainer(plugins=[AtomicCheckpointIO()])`.
+
+    A damaged `last.ckpt` never replaces `last.prev.ckpt`: it is renamed `last.damaged-<time>.ckpt`
+    (one warning line) and `last.prev.ckpt` stays, so after any sequence of crashes a good checkpoint
+    remains. Reading a multi-GB file in full at every save to tell is too slow, so the process
+    remembers a verdict for each file version it has seen, by (device, inode, size, mtime), which
+    renames and hard links keep and any rewrite changes: files it wrote itself (fsynced, then
+    renamed) are good, and the files `resolve_resume_path` checked are as found. Only a `last.ckpt`
+    with no verdict (e.g. a run resumed from an explicit path into a folder holding one) is read in
+    full, once. A `last.prev.ckpt` known to be damaged is also set aside before it is replaced; one
+    with no verdict is replaced unread, since it only ever receives a good file. Damage that
+    changes neither size nor mtime (bit rot after the check) goes unseen until the next resume,
+    which checks again. Weights-only checkpoints (`save_weights_only=True`) count as good here.
 
     Args:
         keep_previous_last: Keep the replaced `last*.ckpt` as `last*.prev.ckpt` (costs one
@@ -95,6 +165,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 torch.save(checkpoint, file)
                 file.flush()
                 os.fsync(file.fileno())
+            # Complete and fsynced: its verdict holds under its final name too.
+            _remember(temporary, None if "optimizer_states" in checkpoint else _WEIGHTS_ONLY)
             if self.keep_previous_last and _LAST_NAME.fullmatch(target.name) and PREVIOUS_MARK not in target.name:
                 self._keep_previous(target)
             os.replace(temporary, target)
@@ -108,7 +180,14 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         # A symlink (ModelCheckpoint(save_last="link")) points at a top-k file that stays on disk.
         if not target.is_file() or target.is_symlink():
             return
+        problem = _remembered_problem(target)
+        if problem not in (None, _WEIGHTS_ONLY):
+            _set_aside(target, problem)  # last.prev.ckpt, the good fallback, stays
+            return
         keep = previous_path(target)
+        problem = _verdicts.get(_identity(keep))  # known only: it is replaced by a good file either way
+        if problem not in (None, _WEIGHTS_ONLY):
+            _set_aside(keep, problem)
         staging = keep.with_name(f".{keep.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
         try:
             os.link(target, staging)
@@ -117,13 +196,14 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         os.replace(staging, keep)
 
 
-def checkpoint_problem(path: str | os.PathLike) -> str | None:
+def checkpoint_problem(path: str | os.PathLike, training_state: bool = True) -> str | None:
     """Why training cannot resume from `path`, in a few words, or None when it looks good.
 
     Checks that the file is a complete torch zip archive whose every record matches its CRC-32
     (this reads the whole file once, catching truncation and bit rot), that its pickle loads with
     `torch.load(mmap=True, weights_only=True)` and that it holds a Lightning training state
-    (model and optimiser). A checkpoint that is intact but needs `weights_only=False` to unpickle
+    (model and optimiser; with `training_state=False` the model's weights are enough, as for
+    evaluation). A checkpoint that is intact but needs `weights_only=False` to unpickle
     is accepted: trusting it is Lightning's decision at load time. Directories (sharded
     checkpoints) are accepted unchecked.
     """
@@ -152,8 +232,8 @@ def checkpoint_problem(path: str | os.PathLike) -> str | None:
         return f"torch.load fails ({type(exc).__name__}: {exc})"
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
         return "it is not a Lightning checkpoint (no 'state_dict')"
-    if "optimizer_states" not in checkpoint:
-        return "it holds weights only (saved with save_weights_only=True), so training cannot resume from it"
+    if "optimizer_states" not in checkpoint and training_state:
+        return _WEIGHTS_ONLY
     return None
 
 
@@ -174,6 +254,21 @@ def last_checkpoints(checkpoint_dir: str | os.PathLike) -> list[Path]:
     return sorted((p for p in directory.iterdir() if _LAST_NAME.fullmatch(p.name)), key=newest_first)
 
 
+def checked_ckpt_path(ckpt_path: str) -> str:
+    """An explicit `ckpt_path` (not "last"), checked: Lightning's keywords ("best", "hpc", "registry...") and
+    remote URLs unchanged, a file that passes `checkpoint_problem` as it is, else ConfigError naming the
+    file and the problem. The verdict is remembered, so checking the same file again reads nothing."""
+    if ckpt_path.startswith(_LIGHTNING_KEYWORDS) or _is_remote(ckpt_path):
+        return ckpt_path
+    problem = _remembered_problem(Path(ckpt_path))
+    if problem is not None:
+        raise ConfigError(
+            f"cannot resume from checkpoint {ckpt_path}: {problem}; pass another --ckpt_path"
+            " (e.g. its .prev.ckpt twin or 'last')"
+        )
+    return str(ckpt_path)
+
+
 def resolve_resume_path(ckpt_path: str | None, checkpoint_dir: str | os.PathLike) -> str | None:
     """The checkpoint file to pass to `Trainer.fit(ckpt_path=...)`, checked with `checkpoint_problem`.
 
@@ -182,24 +277,20 @@ def resolve_resume_path(ckpt_path: str | None, checkpoint_dir: str | os.PathLike
       with one warning line naming it. No checkpoint there yet: None, with an info line (a fresh
       run). Only damaged `last*.ckpt` files, or other checkpoints but no `last*.ckpt`: ConfigError
       (starting over silently would lose the run).
-    - "best", "hpc", "registry...", remote URLs: returned unchanged for Lightning to resolve.
-    - any other path: returned if good, else ConfigError naming the file and the problem.
+    - any other value: `checked_ckpt_path`.
+    Damaged files set aside by `AtomicCheckpointIO` (`*.damaged-*.ckpt`) are never candidates.
     """
     if ckpt_path is None:
         return None
     if ckpt_path != "last":
-        if ckpt_path.startswith(_LIGHTNING_KEYWORDS) or _is_remote(ckpt_path):
-            return ckpt_path
-        problem = checkpoint_problem(ckpt_path)
-        if problem is not None:
-            raise ConfigError(
-                f"cannot resume from checkpoint {ckpt_path}: {problem}; pass another --ckpt_path"
-                " (e.g. its .prev.ckpt twin or 'last')"
-            )
-        return str(ckpt_path)
+        return checked_ckpt_path(ckpt_path)
     candidates = last_checkpoints(checkpoint_dir)
     if not candidates:
-        others = sorted(Path(checkpoint_dir).glob("*.ckpt"), key=lambda p: p.lstat().st_mtime, reverse=True)
+        others = sorted(
+            (p for p in Path(checkpoint_dir).glob("*.ckpt") if DAMAGED_MARK not in p.name),
+            key=lambda p: p.lstat().st_mtime,
+            reverse=True,
+        )
         if others:  # e.g. save_last off, or a crash between unlink and symlink with save_last="link"
             raise ConfigError(
                 f"{checkpoint_dir} holds checkpoints but no last*.ckpt; pass --ckpt_path explicitly (newest:"
@@ -208,7 +299,7 @@ def resolve_resume_path(ckpt_path: str | None, checkpoint_dir: str | os.PathLike
         log.info(f"No last checkpoint in {checkpoint_dir} yet: starting a fresh run.")
         return None
     for candidate in candidates:
-        problem = checkpoint_problem(candidate)
+        problem = _remembered_problem(candidate)
         if problem is None:
             log.info(f"Resuming from {candidate}.")
             return str(candidate)

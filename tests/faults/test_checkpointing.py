@@ -2,6 +2,7 @@ import errno
 import io
 import logging
 import os
+from pathlib import Path
 
 import pytest
 from tests.faults.regression import Regression
@@ -10,6 +11,7 @@ from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from seed_lightning.errors import ConfigError
+from seed_lightning.training import checkpointing
 from seed_lightning.training.checkpointing import AtomicCheckpointIO, checkpoint_problem, resolve_resume_path
 
 
@@ -17,7 +19,7 @@ def training_state(step: int, size: int = 16) -> dict:
     return {"global_step": step, "state_dict": {"w": torch.full((size,), float(step))}, "optimizer_states": [{}]}
 
 
-def fit(tmp_path, max_steps, ckpt_path=None, save_last=True, **checkpoint_kwargs):
+def fit(tmp_path, max_steps, ckpt_path=None, save_last=True, io=None, **checkpoint_kwargs):
     torch.manual_seed(0)
     checkpoint = ModelCheckpoint(
         dirpath=tmp_path / "ckpt", save_last=save_last, every_n_train_steps=1, **checkpoint_kwargs
@@ -30,7 +32,7 @@ def fit(tmp_path, max_steps, ckpt_path=None, save_last=True, **checkpoint_kwargs
         enable_progress_bar=False,
         enable_model_summary=False,
         default_root_dir=tmp_path,
-        plugins=[AtomicCheckpointIO()],
+        plugins=[io or AtomicCheckpointIO()],
         callbacks=[checkpoint],
     )
     trainer.fit(Regression(), ckpt_path=ckpt_path)
@@ -169,3 +171,103 @@ def test_newest_good_last_wins_over_older_versions(tmp_path, io_plugin):
     io_plugin.save_checkpoint(training_state(2), tmp_path / "last-v1.ckpt")
     os.utime(tmp_path / "last.ckpt", (1, 1))
     assert resolve_resume_path("last", tmp_path) == str(tmp_path / "last-v1.ckpt")
+
+
+def new_process() -> None:
+    """A resume is a new process: it knows nothing yet about which files are good."""
+    checkpointing._verdicts.clear()
+
+
+def truncate(path) -> bytes:
+    damaged = path.read_bytes()[:1000]
+    path.write_bytes(damaged)
+    return damaged
+
+
+class GoodStaysGoodIO(AtomicCheckpointIO):
+    """Checks around every save that each file name that held a good checkpoint still holds a good one,
+    and that a good last checkpoint is left to resume from."""
+
+    def save_checkpoint(self, checkpoint, path, storage_options=None):
+        directory = Path(path).parent
+        good_before = [p.name for p in directory.glob("*.ckpt") if checkpoint_problem(p) is None]
+        super().save_checkpoint(checkpoint, path, storage_options)
+        for name in good_before:
+            assert checkpoint_problem(directory / name) is None, f"{name} was good and was replaced by a damaged file"
+        lasts = checkpointing.last_checkpoints(directory)
+        assert any(checkpoint_problem(p) is None for p in lasts), f"no good last checkpoint left: {lasts}"
+
+
+def damaged_aside(ckpt_dir) -> list[bytes]:
+    return [p.read_bytes() for p in sorted(ckpt_dir.glob("last.damaged-*.ckpt"))]
+
+
+def test_truncated_last_resume_save_twice_truncate_again_resume(tmp_path, caplog):
+    """The fault-injection test: every resume starts from a good checkpoint, and no good checkpoint is ever
+    overwritten by a damaged one; the damaged files are kept aside, each with one warning line."""
+    ckpt_dir = tmp_path / "ckpt"
+    last, previous = ckpt_dir / "last.ckpt", ckpt_dir / "last.prev.ckpt"
+    fit(tmp_path, max_steps=3)
+    first_damage = truncate(last)
+
+    new_process()
+    resumed_from = resolve_resume_path("last", ckpt_dir)
+    assert resumed_from == str(previous) and load_step(resumed_from) == 2
+    with caplog.at_level(logging.WARNING, logger="seed_lightning"):
+        fit(tmp_path, max_steps=4, ckpt_path=resumed_from, io=GoodStaysGoodIO())  # saves at steps 3 and 4
+    assert (load_step(last), load_step(previous)) == (4, 3)
+    assert damaged_aside(ckpt_dir) == [first_damage]
+    kept_aside = [r.getMessage() for r in caplog.records if "kept aside" in r.getMessage()]
+    assert len(kept_aside) == 1 and str(last) in kept_aside[0]
+
+    second_damage = truncate(last)
+    new_process()
+    resumed_from = resolve_resume_path("last", ckpt_dir)
+    assert resumed_from == str(previous) and load_step(resumed_from) == 3
+    fit(tmp_path, max_steps=6, ckpt_path=resumed_from, io=GoodStaysGoodIO())
+    assert (load_step(last), load_step(previous)) == (6, 5)
+    assert sorted(damaged_aside(ckpt_dir)) == sorted([first_damage, second_damage])
+    new_process()
+    assert resolve_resume_path("last", ckpt_dir) == str(last)  # the damaged files are never candidates
+
+
+def test_saves_read_no_checkpoint_the_resume_decision_or_the_process_has_judged(tmp_path, monkeypatch):
+    fit(tmp_path, max_steps=3)
+    ckpt_dir = tmp_path / "ckpt"
+    truncate(ckpt_dir / "last.ckpt")
+    new_process()
+    checked = []
+    real_check = checkpoint_problem
+
+    def counting_check(path, *args, **kwargs):
+        checked.append(Path(path).name)
+        return real_check(path, *args, **kwargs)
+
+    monkeypatch.setattr(checkpointing, "checkpoint_problem", counting_check)
+    resumed_from = resolve_resume_path("last", ckpt_dir)
+    assert checked == ["last.ckpt", "last.prev.ckpt"]
+    fit(tmp_path, max_steps=6, ckpt_path=resumed_from)  # three saves of last.ckpt
+    assert checked == ["last.ckpt", "last.prev.ckpt"]
+    assert load_step(ckpt_dir / "last.ckpt") == 6 and len(damaged_aside(ckpt_dir)) == 1
+
+
+def test_unjudged_damaged_last_is_checked_once_and_set_aside(tmp_path):
+    """Resuming from an explicit file: the damaged last.ckpt in the folder was never judged by this process."""
+    fit(tmp_path, max_steps=3)
+    ckpt_dir = tmp_path / "ckpt"
+    good = tmp_path / "step2.ckpt"
+    os.replace(ckpt_dir / "last.prev.ckpt", good)
+    damage = truncate(ckpt_dir / "last.ckpt")
+    new_process()
+    fit(tmp_path, max_steps=4, ckpt_path=resolve_resume_path(str(good), ckpt_dir))
+    assert damaged_aside(ckpt_dir) == [damage]
+    assert load_step(ckpt_dir / "last.ckpt") == 4 and load_step(ckpt_dir / "last.prev.ckpt") == 3
+
+
+def test_weights_only_last_is_not_set_aside_as_damaged(tmp_path, io_plugin):
+    weights = {"state_dict": {"w": torch.ones(2)}}
+    io_plugin.save_checkpoint(weights, tmp_path / "last.ckpt")
+    new_process()
+    io_plugin.save_checkpoint(weights, tmp_path / "last.ckpt")
+    io_plugin.save_checkpoint(weights, tmp_path / "last.ckpt")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt", "last.prev.ckpt"]
