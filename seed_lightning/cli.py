@@ -219,14 +219,20 @@ _EXPECTED_WARNINGS = [
     r".*`IterableDataset` has `__len__` defined.*",  # ShardDataModule's streams split workers exactly
     r".*isinstance\(treespec, LeafSpec\).*",  # a torch deprecation inside Lightning
     r".*overridden `transfer_batch_to_device` in `LightningModule`.*",  # intended: stage 2's cache
+    r"LightningCLI's args parameter is intended to run from within Python.*",  # args = argv less the command
 ]
+
+
+def silence_expected_warnings() -> None:
+    """Hide the Lightning warnings of `_EXPECTED_WARNINGS` (entry points call it first)."""
+    for pattern in _EXPECTED_WARNINGS:
+        warnings.filterwarnings("ignore", message=pattern)
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     _configure_logging()
-    for pattern in _EXPECTED_WARNINGS:
-        warnings.filterwarnings("ignore", message=pattern)
+    silence_expected_warnings()
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE)
         return 0

@@ -17,6 +17,7 @@ from argparse import ArgumentError
 from collections.abc import Sequence
 from pathlib import Path
 
+from seed_lightning.cli import silence_expected_warnings
 from seed_lightning.errors import ConfigError, SeedLightningError
 
 MODEL_CLASSES = {
@@ -103,6 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", action="append", required=True, help="YAML config (repeat to layer several)")
     parser.add_argument("--out", default=None, help="results JSON (default: results.json beside the checkpoint)")
     args, overrides = parser.parse_known_args(argv)
+    silence_expected_warnings()
     try:
         evaluate(load_model_class(args.kind), args.config, args.ckpt, args.out, overrides)
     except SeedLightningError as error:
