@@ -47,7 +47,7 @@ def _run_lightning_cli(model_class, argv: list[str]) -> None:
 
     from seed_lightning.data.datamodule import ShardDataModule
     from seed_lightning.preflight import format_cli_error, run_preflight
-    from seed_lightning.training.checkpointing import checkpoint_dir, resolve_resume_path
+    from seed_lightning.training.checkpointing import checked_ckpt_path, checkpoint_dir, resolve_resume_path
 
     # Dataclass field docstrings become --help text.
     jsonargparse.set_parsing_settings(docstring_parse_attribute_docstrings=True)
@@ -58,6 +58,10 @@ def _run_lightning_cli(model_class, argv: list[str]) -> None:
                 super().parse_arguments(parser, args)
             except ArgumentError as exc:
                 raise ConfigError(format_cli_error(exc, parser)) from None
+            ckpt_path = self.config[self.config.subcommand].get("ckpt_path")
+            if ckpt_path not in (None, "last"):
+                # Lightning reads an explicit file's hyperparameters right after parsing, before any hook.
+                checked_ckpt_path(ckpt_path)
 
         def before_instantiate_classes(self) -> None:
             # Before the Trainer exists: Lightning would otherwise fail (or silently change

@@ -50,6 +50,13 @@ def evaluate(
     for config in configs:
         if not Path(config).is_file():
             raise ConfigError(f"config file {config!r} does not exist: pass --config conf/<model>/<name>.yaml")
+    from seed_lightning.training.checkpointing import checkpoint_problem
+
+    problem = checkpoint_problem(checkpoint, training_state=False)
+    if problem is not None:
+        raise ConfigError(
+            f"cannot evaluate checkpoint {ckpt}: {problem}; pass another --ckpt (e.g. its .prev.ckpt twin)"
+        )
     import jsonargparse
     from lightning.pytorch.cli import LightningCLI
 
