@@ -19,8 +19,11 @@ import os
 import sys
 import warnings
 from argparse import ArgumentError
+from pathlib import Path
 
 from seed_lightning.errors import ConfigError, DataError, SeedLightningError
+
+log = logging.getLogger(__name__)
 
 DEFAULT_MLLM = "checkpoints/mllm-tiny/export/merged"
 """Where `make train-mllm` leaves the merged multimodal LM."""
@@ -43,7 +46,7 @@ commands:
 
 def _run_lightning_cli(model_class, argv: list[str]) -> None:
     import jsonargparse
-    from lightning.pytorch.cli import LightningCLI
+    from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
     from seed_lightning.data.datamodule import ShardDataModule
     from seed_lightning.preflight import format_cli_error, run_preflight
@@ -51,6 +54,19 @@ def _run_lightning_cli(model_class, argv: list[str]) -> None:
 
     # Dataclass field docstrings become --help text.
     jsonargparse.set_parsing_settings(docstring_parse_attribute_docstrings=True)
+
+    class RunConfigCallback(SaveConfigCallback):
+        """Writes the run's config.yaml (`save_run_config`) once training has started, not at setup: a run
+        that fails during setup, checkpoint restore or the sanity check leaves the folder as it was.
+        `validate` writes none (it produces no checkpoint)."""
+
+        def setup(self, trainer, pl_module, stage: str) -> None:
+            pass
+
+        def on_train_start(self, trainer, pl_module) -> None:
+            log_dir = trainer.log_dir  # every rank: it broadcasts
+            if trainer.is_global_zero:
+                save_run_config(log_dir, self.parser.dump(self.config, skip_none=False))
 
     class SeedCLI(LightningCLI):
         def parse_arguments(self, parser, args):
@@ -83,10 +99,47 @@ def _run_lightning_cli(model_class, argv: list[str]) -> None:
         model_class,
         ShardDataModule,
         args=argv,
-        save_config_kwargs={"overwrite": True},
+        save_config_callback=RunConfigCallback,
         auto_configure_optimizers=False,
         parser_kwargs={"exit_on_error": False},
     )
+
+
+RUN_CONFIG = "config.yaml"
+"""The resolved config of a training run, in its log directory beside its checkpoints."""
+
+
+def _run_settings(config_text: str) -> dict | None:
+    """A saved config's settings, less `ckpt_path` (resuming changes it); None when it is not readable YAML."""
+    import yaml
+
+    try:
+        config = yaml.safe_load(config_text)
+    except yaml.YAMLError:
+        return None
+    if isinstance(config, dict):
+        config.pop("ckpt_path", None)
+    return config
+
+
+def save_run_config(log_dir: str | os.PathLike, text: str) -> None:
+    """Write `text` as `<log_dir>/config.yaml`, keeping an earlier run's different config.
+
+    The config beside a checkpoint must be the one that produced it. The same config again (a resumed
+    run; `ckpt_path` may differ) leaves the file as it is. A different one (changed settings on resume,
+    or a new run in the same folder) is written after the earlier file is renamed
+    `config.<its time>.yaml`, with one info line: the earlier checkpoints keep their config.
+    """
+    from seed_lightning.training.checkpointing import rename_aside
+
+    path = Path(log_dir) / RUN_CONFIG
+    if path.is_file():
+        if _run_settings(path.read_text()) == _run_settings(text):
+            return
+        kept = rename_aside(path, ".", when=path.stat().st_mtime)
+        log.info(f"{path} was written by a run with other settings: kept as {kept.name}.")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
 
 
 def _inference_parser(command: str, description: str) -> argparse.ArgumentParser:

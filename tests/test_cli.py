@@ -1,4 +1,4 @@
-"""The `seed-lightning` command: checkpoint paths and a quiet stderr."""
+"""The `seed-lightning` command: checkpoint paths, the run's config.yaml, and a quiet stderr."""
 
 import subprocess
 import sys
@@ -6,6 +6,11 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
+from lightning.pytorch import Callback, Trainer
+
+from seed_lightning import cli
+from tests.faults.regression import Regression
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -43,3 +48,80 @@ def test_cli_call_does_not_print_lightnings_args_warning():
     assert result.returncode == 0, result.stderr
     assert "trainer:" in result.stdout
     assert "args parameter" not in result.stderr
+
+
+class CrashOnce(Callback):
+    """Raises at the start of step 2 (after step 1's checkpoint) the first time, as a crash would."""
+
+    def __init__(self, marker: str):
+        self.marker = Path(marker)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == 1 and not self.marker.exists():
+            self.marker.touch()
+            raise RuntimeError("simulated crash")
+
+
+def overlay(run_dir: Path, max_steps: int) -> Path:
+    """The tiny tokenizer config, shortened, writing into `run_dir` (checkpoints in run_dir/checkpoints)."""
+    path = run_dir / f"steps{max_steps}.yaml"
+    path.write_text(f"""
+trainer:
+  max_steps: {max_steps}
+  max_epochs: -1
+  limit_val_batches: 0
+  num_sanity_val_steps: 0
+  default_root_dir: {run_dir}
+  enable_progress_bar: false
+  enable_model_summary: false
+  logger: false
+  callbacks:
+    - class_path: lightning.pytorch.callbacks.ModelCheckpoint
+      init_args: {{dirpath: {run_dir}/checkpoints, save_last: true, every_n_train_steps: 1}}
+    - class_path: tests.test_cli.CrashOnce
+      init_args: {{marker: {run_dir}/crashed}}
+data:
+  batch_size: 4
+  samples_per_epoch: 16
+  num_workers: 0
+""")
+    return path
+
+
+def fit(*args: str) -> int:
+    return cli.main(["tokenizer", "fit", "-c", "conf/tokenizer/tiny.yaml", *args])
+
+
+@pytest.mark.slow
+def test_config_beside_checkpoints_is_the_one_that_produced_them(default_world, tmp_path, monkeypatch):
+    monkeypatch.chdir(default_world.repo)
+    monkeypatch.setenv("SEED_LOG_LEVEL", "WARNING")
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    config = run_dir / "config.yaml"
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        fit("-c", str(overlay(run_dir, max_steps=2)))
+    first = config.read_text()
+    assert yaml.safe_load(first)["trainer"]["max_steps"] == 2
+    assert (run_dir / "checkpoints" / "last.ckpt").is_file()
+
+    # Another run in the same folder, other settings, failing at start (its checkpoint holds another model).
+    other_model = tmp_path / "other-model.ckpt"
+    trainer = Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer.strategy.connect(Regression())
+    trainer.save_checkpoint(other_model)
+    with pytest.raises(RuntimeError, match="state_dict"):
+        fit("-c", str(overlay(run_dir, max_steps=5)), "--model.optim.lr", "0.1", "--ckpt_path", str(other_model))
+    assert config.read_text() == first
+
+    # Resuming with the same config (the same command + --ckpt_path last): no prompt, the config stays.
+    assert fit("-c", str(overlay(run_dir, max_steps=2)), "--ckpt_path", "last") == 0
+    assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 2
+    assert config.read_text() == first
+    assert sorted(p.name for p in run_dir.glob("config*.yaml")) == ["config.yaml"]
+
+    # Resuming with other settings: the new config is written, the earlier one kept with its time.
+    assert fit("-c", str(overlay(run_dir, max_steps=3)), "--ckpt_path", "last") == 0
+    assert yaml.safe_load(config.read_text())["trainer"]["max_steps"] == 3
+    kept = list(run_dir.glob("config.*.yaml"))
+    assert len(kept) == 1 and kept[0].read_text() == first
