@@ -13,13 +13,18 @@ commit ("Fixed processing answers bug"; LAVIS ships the same rule), quirks inclu
   deleted, at most 32 of them (the official code passes ``re.UNICODE`` as the ``count`` argument);
 - accuracy of a question = mean over the 10 leave-one-out subsets of the human answers of
   min(1, #subset answers equal to the prediction / 3). A "subset" drops every answer record equal
-  to the left-out one, so records must carry distinct ``answer_id`` s (VQAv2's do).
+  to the left-out one, so records must carry distinct ``answer_id`` s (VQAv2's do);
+- the report (``VQAResult.accuracy``): per group, ``100 * sum / count`` (in that order; the sums
+  left to right) rounded to 2 decimals by Python 2's ``round``, which sends exact ties away from
+  zero: 97 right of 800 is 12.125 exactly and reported 12.13 (Python 3's ``round``, and ports of
+  the evaluator to it, give 12.12).
 """
 
 import re
 from collections import Counter, defaultdict
 from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
+from decimal import ROUND_HALF_UP, Decimal
 from pathlib import Path
 from typing import Any
 
@@ -117,19 +122,29 @@ class VQAResult:
     """Mean accuracy per ``question_type`` (e.g. ``what color is the``)."""
     per_question: dict[Hashable, float] = field(repr=False)
     """Accuracy of each question id."""
-
-    @property
-    def accuracy(self) -> dict[str, Any]:
-        """The official ``VQAEval.accuracy`` dict: percentages rounded to 2 decimals."""
-        return {
-            "overall": _percent(self.overall),
-            "perQuestionType": {key: _percent(value) for key, value in self.per_question_type.items()},
-            "perAnswerType": {key: _percent(value) for key, value in self.per_answer_type.items()},
-        }
+    accuracy: dict[str, Any] = field(repr=False)
+    """The official ``VQAEval.accuracy`` dict (``overall``, ``perQuestionType``, ``perAnswerType``): percentages
+    computed and rounded to 2 decimals bit for bit as the official evaluator reports them."""
 
 
-def _percent(fraction: float) -> float:
-    return round(100 * fraction, 2)
+def _sum_in_order(values: Sequence[float]) -> float:
+    """Left-to-right float sum, as the official (Python 2) ``sum``; Python >= 3.12's ``sum`` compensates
+    rounding errors, which can change the last bits and so a rounded percentage."""
+    total = 0.0
+    for value in values:
+        total += value
+    return total
+
+
+def _mean(values: Sequence[float]) -> float:
+    return _sum_in_order(values) / len(values)
+
+
+def _official_percent(values: Sequence[float]) -> float:
+    """``round(100*float(sum(values))/len(values), 2)`` under Python 2: the float is rounded as its exact
+    binary value, exact ties away from zero (Python 3's ``round`` sends them to the even digit)."""
+    percent = 100 * _sum_in_order(values) / len(values)
+    return float(Decimal(percent).quantize(Decimal("0.01"), rounding=ROUND_HALF_UP))
 
 
 def _validate_record(record: Mapping[str, Any]) -> None:
@@ -159,18 +174,16 @@ def question_accuracy(prediction: str, human_answers: Sequence[Mapping[str, Any]
         # Whole-record inequality, as officially: identical records (no answer_id) drop together.
         matching = sum(1 for answer in answers if answer != left_out and answer["answer"] == prediction)
         leave_one_out.append(min(1.0, matching / 3))
-    return sum(leave_one_out) / len(leave_one_out)
-
-
-def _mean(values: list[float]) -> float:
-    return sum(values) / len(values)
+    return _mean(leave_one_out)
 
 
 def vqa_accuracy(predictions: Mapping[Hashable, str], annotations: Sequence[Mapping[str, Any]]) -> VQAResult:
     """Official VQAv2 accuracy of `predictions` (question id -> answer) over `annotations`.
 
-    As the official ``loadRes``, predictions must cover exactly the annotated questions. Inputs are
-    not modified (the official code normalises the annotations in place).
+    As the official ``loadRes``, predictions must cover exactly the annotated questions. Questions are
+    scored in the order of `annotations`, as the official code walks its annotation file (the order of a
+    float sum decides its last bits). Inputs are not modified (the official code normalises the
+    annotations in place).
     """
     if not annotations:
         raise DataError("no VQA annotation records to evaluate: pass the annotations of the evaluated questions")
@@ -197,11 +210,17 @@ def vqa_accuracy(predictions: Mapping[Hashable, str], annotations: Sequence[Mapp
         per_question[record["question_id"]] = accuracy
         by_answer_type[record["answer_type"]].append(accuracy)
         by_question_type[record["question_type"]].append(accuracy)
+    accuracies = list(per_question.values())
     return VQAResult(
-        overall=_mean(list(per_question.values())),
+        overall=_mean(accuracies),
         per_answer_type={key: _mean(values) for key, values in by_answer_type.items()},
         per_question_type={key: _mean(values) for key, values in by_question_type.items()},
         per_question=per_question,
+        accuracy={
+            "overall": _official_percent(accuracies),
+            "perQuestionType": {key: _official_percent(values) for key, values in by_question_type.items()},
+            "perAnswerType": {key: _official_percent(values) for key, values in by_answer_type.items()},
+        },
     )
 
 

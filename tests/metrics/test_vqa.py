@@ -139,6 +139,46 @@ def test_official_report_rounds_percentages_to_two_decimals():
     assert result.accuracy["overall"] == 43.33
 
 
+def questions_scoring(*accuracies: float, question_type="what is", answer_type="other") -> list[tuple[dict, str]]:
+    """(annotation record, prediction) pairs whose accuracies are `accuracies` (each 0, 0.3, 0.6, 0.9 or 1)."""
+    matching = {0.0: 0, 0.3: 1, 0.6: 2, 0.9: 3, 1.0: 10}
+    pairs = []
+    for accuracy in accuracies:
+        answers = ["cat"] * matching[accuracy] + ["dog"] * (10 - matching[accuracy])
+        pairs.append((record(len(pairs), answers, question_type, answer_type), "cat"))
+    return pairs
+
+
+def official_report(*groups: list[tuple[dict, str]]) -> dict:
+    pairs = [pair for group in groups for pair in group]
+    annotations = [dict(annotation, question_id=i) for i, (annotation, _) in enumerate(pairs)]
+    return vqa_accuracy({i: prediction for i, (_, prediction) in enumerate(pairs)}, annotations).accuracy
+
+
+def test_official_report_rounds_exact_ties_away_from_zero():
+    # The official evaluator is Python 2 code: its round() sends an exact tie away from zero.
+    # 97 of 800 is 12.125 exactly (Python 3's round gives 12.12); 5 of 32 is 15.625.
+    numbers = questions_scoring(*[1.0] * 5 + [0.0] * 27, question_type="how many", answer_type="number")
+    yes_no = questions_scoring(*[1.0] * 92 + [0.0] * 676, question_type="is the", answer_type="yes/no")
+    report = official_report(numbers, yes_no)
+    assert report == {
+        "overall": 12.13,
+        "perQuestionType": {"how many": 15.63, "is the": 11.98},
+        "perAnswerType": {"number": 15.63, "yes/no": 11.98},
+    }
+
+
+def test_official_report_is_100_times_the_sum_divided_by_the_count():
+    # round(100*sum/n) as officially: 100*(sum/n) would make it 39.38 here.
+    assert official_report(questions_scoring(*[0.9] * 21 + [0.0] * 27))["overall"] == 39.37
+
+
+def test_official_report_sums_left_to_right():
+    # The official (Python 2) sum() adds in order; a compensated sum (Python >= 3.12's sum(),
+    # math.fsum) gives 31.874999999999996 here and so 31.87.
+    assert official_report(questions_scoring(0.6, *[0.9] * 5, *[0.0] * 10))["overall"] == 31.88
+
+
 def test_vqa_accuracy_leaves_annotations_untouched():
     annotations = [record(1, ["Two."] + ["3"] * 9)]
     snapshot = json.dumps(annotations)
