@@ -6,6 +6,10 @@ pycocoevalcap calls ``Cider`` is CIDEr-D (Gaussian length penalty sigma 6, clipp
 document frequencies from the evaluated references, x10): the number captioning papers report as
 "CIDEr". SPICE is left out: it downloads Stanford CoreNLP at run time.
 
+Line-breaking characters inside a caption become spaces first: pycocoevalcap sends the PTB tokenizer
+one caption per line and replaces only "\n", so a caption holding another line end would come back as
+two lines and shift every later caption onto the wrong image.
+
 Images are scored over the predicted image ids (the LAVIS convention: references may cover more
 images than the predictions; CIDEr's document frequencies then come from the predicted images'
 references only, as in LAVIS's ``coco_caption_eval``).
@@ -31,6 +35,11 @@ from seed_lightning.errors import ConfigError, DataError
 
 JAVA_INSTALL_HINT = "install Java 17, e.g. apt-get install -y default-jre-headless"
 BLEU_KEYS = ("Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4")
+LINE_BREAKS = "\n\r\v\f\x1c\x1d\x1e\x85\u2028\u2029"
+"""Every character Python's ``str.splitlines`` ends a line at. The PTB tokenizer (Java) ends lines at
+"\n", "\r", "\v", "\f", U+2028 and U+2029; it reads \x1c-\x1e as spaces and \x85 as "..." (dropped as
+punctuation), so a space in their place tokenizes the same."""
+_LINE_BREAKS_TO_SPACES = str.maketrans(dict.fromkeys(LINE_BREAKS, " "))
 
 
 @functools.cache
@@ -73,6 +82,14 @@ def _validate(predictions: Mapping[Hashable, str], references: Mapping[Hashable,
             raise DataError(f"references for image {image_id!r} must be a non-empty list of strings, got {refs!r:.80}")
 
 
+def ptb_tokenize(captions: Mapping[Hashable, Sequence[str]]) -> dict[Hashable, list[str]]:
+    """pycocoevalcap's PTB tokenization of each image's captions, line breaks inside a caption made spaces."""
+    return PTBTokenizer().tokenize(
+        {image_id: [{"caption": text.translate(_LINE_BREAKS_TO_SPACES)} for text in texts]
+         for image_id, texts in captions.items()}
+    )
+
+
 def score_captions(
     predictions: Mapping[Hashable, str],
     references: Mapping[Hashable, Sequence[str]],
@@ -89,9 +106,8 @@ def score_captions(
     # Reference order decides the order of per-image scores and hence the last bits of their mean;
     # COCOEvalCap walks the annotation file's image order, which `references` mirrors.
     image_ids = [image_id for image_id in references if image_id in predictions]
-    tokenizer = PTBTokenizer()
-    gts = tokenizer.tokenize({i: [{"caption": ref} for ref in references[i]] for i in image_ids})
-    res = tokenizer.tokenize({i: [{"caption": predictions[i]}] for i in image_ids})
+    gts = ptb_tokenize({i: references[i] for i in image_ids})
+    res = ptb_tokenize({i: [predictions[i]] for i in image_ids})
 
     bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
     scores = {key: float(value) for key, value in zip(BLEU_KEYS, bleu)}

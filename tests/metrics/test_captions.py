@@ -11,7 +11,7 @@ from pycocotools.coco import COCO
 
 from seed_lightning.errors import ConfigError, DataError
 from seed_lightning.metrics import captions
-from seed_lightning.metrics.captions import check_java, score_captions, write_coco_results
+from seed_lightning.metrics.captions import LINE_BREAKS, check_java, ptb_tokenize, score_captions, write_coco_results
 
 REFERENCES = {
     11: ["A man riding a wave on top of a surfboard.", "A surfer rides a large wave.", "a person surfing in the ocean"],
@@ -97,6 +97,33 @@ def test_ptb_tokenization_ignores_case_and_punctuation():
     plain = score_captions({1: "a dog running on the beach"}, references, meteor=False)
     noisy = score_captions({1: "A dog, running on the beach!"}, references, meteor=False)
     assert noisy == plain
+
+
+def test_line_breaks_cover_python_splitlines():
+    # The PTB tokenizer's own line ends (\r \v \f U+2028 U+2029) were found by feeding it every code point.
+    splits = {chr(code) for code in range(0x110000) if len(f"a{chr(code)}b".splitlines()) > 1}
+    assert splits == set(LINE_BREAKS) and {"\r", "\v", "\f", "\u2028", "\u2029"} <= splits
+
+
+def test_line_breaks_inside_a_caption_leave_the_other_captions_in_place():
+    captions = {position: [f"w{position} a{char}b"] for position, char in enumerate([*LINE_BREAKS, "\r\n"])}
+    captions["last"] = ["the last caption"]
+    tokenized = ptb_tokenize(captions)
+    assert tokenized == {**{position: [f"w{position} a b"] for position in captions if position != "last"},
+                         "last": ["the last caption"]}
+
+
+def test_line_breaks_inside_captions_do_not_change_the_scores_of_the_others():
+    def with_breaks(text: str, breaks: str) -> str:
+        words = text.split(" ")
+        return "".join(word + breaks[i % len(breaks)] for i, word in enumerate(words[:-1])) + words[-1]
+
+    broken_predictions = {11: with_breaks(PREDICTIONS[11], "\r\u2028"), 12: PREDICTIONS[12],
+                          13: with_breaks(PREDICTIONS[13], "\f"), 14: PREDICTIONS[14]}
+    broken_references = {**REFERENCES, 12: [with_breaks(REFERENCES[12][0], "\v\u2029"), REFERENCES[12][1]]}
+    assert broken_predictions[11] != PREDICTIONS[11]
+    expected = score_captions(PREDICTIONS, REFERENCES, meteor=False)
+    assert score_captions(broken_predictions, broken_references, meteor=False) == expected
 
 
 def test_input_validation():
