@@ -2,20 +2,35 @@
 
     python -m seed_lightning.data.coco --image-dir coco/images --annotations dataset_coco.json \
         --split test --per-image --out-dir data/coco/shards --prefix coco-karpathy-test
+
+JPEG, PNG and WebP files go into the shards byte for byte. Any other format PIL reads (GIF, BMP, TIFF, ...)
+is re-encoded as PNG rather than stored under its own extension: every reader of the shard layout (the
+shard decoder, extract-tokens, webdataset's decoders) looks for jpg/png/webp members only, and PNG is
+lossless, so training sees the pixels PIL decodes from the original (its first frame). Images PIL cannot
+read are left out and reported.
 """
 
 import argparse
+import io
 import json
 import sys
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
+from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
+from seed_lightning.data.shards import IMAGE_ERRORS
+from seed_lightning.data.transforms import to_rgb
 from seed_lightning.errors import ConfigError, DataError
 
 KARPATHY_SPLITS = ("train", "restval", "val", "test")
+KEPT_FORMATS = {"JPEG": "jpg", "MPO": "jpg", "PNG": "png", "WEBP": "webp"}
+"""PIL formats stored byte for byte, with the shard member extension they get (MPO: a camera JPEG)."""
+FAILURES_SHOWN = 5
+"""How many of the images that could not be read the converter names."""
 
 
 @dataclass
@@ -115,6 +130,64 @@ def _karpathy_images(images: list, image_dir: Path, split: str | None, name: str
     return records
 
 
+class ShardImage(NamedTuple):
+    """One image as a shard member."""
+
+    extension: str
+    data: bytes
+    reencoded_from: str | None
+    """The original PIL format when the image was re-encoded as PNG, else None."""
+
+
+def shard_image(path: Path) -> ShardImage:
+    """The image file at `path` as a shard member: JPEG/PNG/WebP as they are, other formats re-encoded as PNG
+    (see the module docstring). Raises OSError (or another of IMAGE_ERRORS) when PIL cannot decode the file."""
+    data = path.read_bytes()
+    with Image.open(io.BytesIO(data)) as image:
+        extension = KEPT_FORMATS.get(image.format)
+        if extension is not None:
+            image.draft("RGB", (1, 1))  # a JPEG then decodes at 1/8 scale, still reading all of its data
+            image.load()
+            return ShardImage(extension, data, None)
+        image.load()
+        encoded = io.BytesIO()
+        try:
+            image.save(encoded, format="PNG")
+        except OSError:  # a mode PNG cannot hold (CMYK, float, ...): store it as training would read it
+            encoded = io.BytesIO()
+            to_rgb(image).save(encoded, format="PNG")
+        return ShardImage("png", encoded.getvalue(), image.format)
+
+
+@dataclass
+class ConversionReport:
+    """What `coco_to_shards` wrote and what it left out."""
+
+    shards: list[str]
+    """Paths of the written shards, in order."""
+    images: int
+    """Images written."""
+    samples: int
+    """Samples written (one per caption, or one per image with per_image)."""
+    reencoded: Counter[str]
+    """Original PIL format -> images re-encoded as PNG."""
+    failures: list[tuple[str, str]]
+    """(path, why) of every image PIL could not read: left out."""
+
+    def summary(self) -> str:
+        """What was converted and what could not be, for people (one line each)."""
+        lines = [f"wrote {self.images} images ({self.samples} samples) into {len(self.shards)} shard(s): "
+                 f"{self.shards[0]} ... {self.shards[-1]}"]
+        if self.reencoded:
+            formats = ", ".join(f"{name} {count}" for name, count in self.reencoded.most_common())
+            lines.append(f"re-encoded as PNG (the shard readers take JPEG/PNG/WebP): {formats}")
+        if self.failures:
+            shown = "; ".join(f"{path} ({why})" for path, why in self.failures[:FAILURES_SHOWN])
+            more = f" and {len(self.failures) - FAILURES_SHOWN} more" if len(self.failures) > FAILURES_SHOWN else ""
+            lines.append(f"left out {len(self.failures)} images PIL cannot read: {shown}{more}")
+        return "\n".join(lines)
+
+
 def coco_to_shards(
     image_dir: str | Path,
     annotations: str | Path,
@@ -124,13 +197,13 @@ def coco_to_shards(
     maxcount: int = 10_000,
     split: str | None = None,
     progress: bool = False,
-) -> list[str]:
-    """Write WebDataset shards `out_dir/prefix-000000.tar`, ... and return their paths.
+) -> ConversionReport:
+    """Write WebDataset shards `out_dir/prefix-000000.tar`, ... and report them (paths, counts, failures).
 
-    Each sample: the original image bytes (KEY.jpg or KEY.png, ...), KEY.txt (a caption) and KEY.json
-    {image_id, captions (all of the image's), file_name, width, height (when known)}. per_image=False writes one
-    sample per caption (training: KEY = image id + caption number); per_image=True one per image with its first
-    caption in KEY.txt (evaluation: KEY = image id).
+    Each sample: the image (KEY.jpg, KEY.png or KEY.webp, see the module docstring), KEY.txt (a caption) and
+    KEY.json {image_id, captions (all of the image's), file_name, width, height (when known)}. per_image=False
+    writes one sample per caption (training: KEY = image id + caption number); per_image=True one per image with
+    its first caption in KEY.txt (evaluation: KEY = image id). Raises DataError when no image can be read.
     """
     if maxcount < 1:
         raise ConfigError(f"maxcount must be >= 1, got {maxcount}")
@@ -143,24 +216,40 @@ def coco_to_shards(
             f"{len(missing)} of {len(records)} images not found, e.g. {str(missing[0])!r}: check --image-dir"
         )
     Path(out_dir).mkdir(parents=True, exist_ok=True)
-    written: list[str] = []
+    report = ConversionReport(shards=[], images=0, samples=0, reencoded=Counter(), failures=[])
     import webdataset  # only the converter writes shards: readers (read_vqa) need no webdataset
 
     with webdataset.ShardWriter(
-        str(Path(out_dir) / f"{prefix}-%06d.tar"), maxcount=maxcount, post=written.append, verbose=0, mtime=0.0
+        str(Path(out_dir) / f"{prefix}-%06d.tar"), maxcount=maxcount, post=report.shards.append, verbose=0, mtime=0.0
     ) as writer:
         for record in tqdm(records, desc="images", unit="img", disable=not progress):
-            image_bytes = record.path.read_bytes()
+            try:
+                image = shard_image(record.path)
+            except IMAGE_ERRORS as error:
+                why = f"{type(error).__name__}: {error}"
+                if isinstance(error, UnidentifiedImageError):
+                    why = "not a format PIL reads"
+                report.failures.append((str(record.path), why))
+                continue
+            if image.reencoded_from is not None:
+                report.reencoded[image.reencoded_from] += 1
             meta = {"image_id": record.image_id, "captions": record.captions, "file_name": record.file_name}
             meta.update({name: getattr(record, name) for name in ("width", "height") if getattr(record, name)})
-            extension = record.path.suffix.lstrip(".").lower() or "jpg"
             image_key = f"{record.image_id:012d}" if isinstance(record.image_id, int) else str(record.image_id)
             samples = [(image_key, record.captions[0])] if per_image else [
                 (f"{image_key}_{number}", caption) for number, caption in enumerate(record.captions)
             ]
             for key, caption in samples:
-                writer.write({"__key__": key, extension: image_bytes, "txt": caption, "json": meta})
-    return written
+                writer.write({"__key__": key, image.extension: image.data, "txt": caption, "json": meta})
+            report.images += 1
+            report.samples += len(samples)
+    if report.images == 0:
+        for shard in report.shards:
+            Path(shard).unlink()
+        path, why = report.failures[0]
+        raise DataError(f"none of the {len(records)} images could be read by PIL, e.g. {path!r} ({why}): "
+                        "check --image-dir and the image files")
+    return report
 
 
 def read_vqa(questions_path: str | Path, annotations_path: str | Path | None = None) -> list[VQARecord]:
@@ -217,13 +306,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--split", default=None, help="Karpathy splits to keep, comma-separated (e.g. train,restval)")
     args = parser.parse_args(argv)
     try:
-        shards = coco_to_shards(
+        report = coco_to_shards(
             args.image_dir, args.annotations, args.out_dir, args.prefix, args.per_image, args.maxcount, args.split, True
         )
     except (ConfigError, DataError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    print(f"wrote {len(shards)} shard(s): {shards[0]} ... {shards[-1]}")
+    print(report.summary())
     return 0
 
 

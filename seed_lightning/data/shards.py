@@ -42,7 +42,7 @@ MAX_CONSECUTIVE_SKIPS = 1000
 """A stream that skips this many samples (or draws this many empty shards) in a row stops with a DataError."""
 
 _KEY_EXT_RE = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")  # webdataset's split: key up to the basename's first dot
-_IMAGE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, struct.error, Image.DecompressionBombError)
+IMAGE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, struct.error, Image.DecompressionBombError)
 """What PIL raises on corrupt, truncated or unsupported image data (UnidentifiedImageError is an OSError)."""
 
 
@@ -236,7 +236,7 @@ def decode_image_sample(
     caption, meta = _caption(raw, max_words), _meta(raw)  # cheap checks before the expensive decode
     try:
         pixel_values = transform(Image.open(io.BytesIO(raw[extension])), rng)
-    except _IMAGE_ERRORS:
+    except IMAGE_ERRORS:
         raise SkipSample("corrupt_image") from None
     return {"pixel_values": pixel_values, "caption": caption, "key": raw["__key__"], "url": raw.get("__url__", ""), "meta": meta}
 

@@ -1,10 +1,13 @@
 import json
 import random
+import warnings
 
 import pytest
+import torch
 from PIL import Image
 
 from seed_lightning.data.coco import coco_to_shards, main, read_vqa
+from seed_lightning.data.datamodule import ShardDataModule
 from seed_lightning.data.shards import decode_image_sample, iter_tar_samples
 from seed_lightning.data.transforms import ImageTransform
 from seed_lightning.errors import ConfigError, DataError
@@ -81,7 +84,7 @@ def read_back(shards: list[str]) -> list[dict]:
 
 
 def test_coco_captions_to_per_caption_training_shards(tmp_path, images, coco_captions):
-    shards = coco_to_shards(images, coco_captions, tmp_path / "out", prefix="train", per_image=False, maxcount=3)
+    shards = coco_to_shards(images, coco_captions, tmp_path / "out", prefix="train", per_image=False, maxcount=3).shards
     assert shards == [str(tmp_path / "out" / f"train-{i:06d}.tar") for i in range(2)]
     samples = read_back(shards)
     assert [s["__key__"] for s in samples] == ["000000000001_0", "000000000001_1", "000000000022_0", "000000000333_0"]
@@ -102,11 +105,12 @@ def test_coco_captions_to_per_caption_training_shards(tmp_path, images, coco_cap
 
 
 def test_karpathy_split_to_per_image_eval_shards(tmp_path, images, karpathy):
-    samples = read_back(coco_to_shards(images, karpathy, tmp_path / "out", per_image=True, split="test"))
+    samples = read_back(coco_to_shards(images, karpathy, tmp_path / "out", per_image=True, split="test").shards)
     assert [s["__key__"] for s in samples] == ["000000000022"]
     meta = json.loads(samples[0]["json"])
     assert meta == {"image_id": 22, "captions": ["two a"], "file_name": f"val2014/{file_name(22)}"}
-    samples = read_back(coco_to_shards(images, karpathy, tmp_path / "tr", per_image=False, split="train,restval"))
+    report = coco_to_shards(images, karpathy, tmp_path / "tr", per_image=False, split="train,restval")
+    samples = read_back(report.shards)
     assert [s["__key__"] for s in samples] == ["000000000001_0", "000000000001_1", "000000000333_0"]
     assert [s["txt"] for s in samples] == [b"one a", b"one b", b"x"]
 
@@ -148,6 +152,61 @@ def test_cli_writes_shards_and_reports_errors_in_one_line(tmp_path, images, karp
     capsys.readouterr()
     assert main(["--image-dir", str(images), "--annotations", karpathy, "--out-dir", str(out), "--split", "bogus"]) == 2
     assert capsys.readouterr().err.strip().count("\n") == 0
+
+
+def odd_images(folder) -> dict[str, bool]:
+    """Image files in formats the shard readers do not take, plus unreadable ones: name -> PIL can read it."""
+    folder.mkdir(parents=True)
+    frames = [Image.new("P", (12, 10), index) for index in (1, 2)]
+    for frame in frames:
+        frame.putpalette([value for index in range(256) for value in (index, 255 - index, 7)])
+    frames[0].save(folder / "animated.gif", save_all=True, append_images=frames[1:], transparency=2)
+    Image.new("RGB", (9, 7), (10, 200, 30)).save(folder / "photo.bmp")
+    Image.new("CMYK", (8, 8), (0, 128, 255, 10)).save(folder / "print.tif")  # PNG cannot hold CMYK
+    Image.frombytes("I;16", (6, 5), bytes(range(60))).save(folder / "scan.tiff")
+    Image.new("RGB", (16, 16), (1, 2, 3)).save(folder / "photo.jpg")
+    (folder / "garbage.gif").write_bytes(b"GIF89a" + bytes(50))
+    jpeg = (folder / "photo.jpg").read_bytes()
+    (folder / "truncated.jpg").write_bytes(jpeg[: len(jpeg) // 2])
+    return {"animated.gif": True, "photo.bmp": True, "print.tif": True, "scan.tiff": True, "photo.jpg": True,
+            "garbage.gif": False, "truncated.jpg": False}
+
+
+def test_every_image_pil_reads_reaches_training_and_the_rest_is_reported(tmp_path, capsys):
+    files = odd_images(tmp_path / "images")
+    annotations = write_json(tmp_path / "captions.json", {
+        "images": [{"id": image_id, "file_name": name} for image_id, name in enumerate(files)],
+        "annotations": [{"id": image_id, "image_id": image_id, "caption": f"picture {name}"}
+                        for image_id, name in enumerate(files)],
+    })
+    out = tmp_path / "shards"
+    assert main(["--image-dir", str(tmp_path / "images"), "--annotations", annotations, "--out-dir", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "wrote 5 images (5 samples) into 1 shard(s)" in printed
+    assert "re-encoded as PNG" in printed and "TIFF 2" in printed and "GIF 1" in printed and "BMP 1" in printed
+    assert "left out 2 images PIL cannot read" in printed
+    assert "garbage.gif (not a format PIL reads)" in printed and "truncated.jpg" in printed
+
+    data = ShardDataModule(val=str(out / "coco-000000.tar"), image_size=8, val_batch_size=8, num_workers=0)
+    data.setup("validate")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing skipped
+        (batch,) = list(data.val_dataloader())
+    names = [meta["file_name"] for meta in batch["meta"]]
+    assert names == [name for name, readable in files.items() if readable]
+    transform = ImageTransform(image_size=8, train=False)
+    for name, pixels in zip(names, batch["pixel_values"]):  # the pixels of the original file
+        assert torch.equal(pixels, transform(Image.open(tmp_path / "images" / name), random.Random(0))), name
+
+
+def test_converter_fails_when_no_image_can_be_read(tmp_path):
+    (tmp_path / "images").mkdir()
+    (tmp_path / "images" / "a.gif").write_bytes(b"not an image")
+    annotations = write_json(tmp_path / "captions.json", {
+        "images": [{"id": 1, "file_name": "a.gif"}], "annotations": [{"id": 1, "image_id": 1, "caption": "x"}]})
+    with pytest.raises(DataError, match="none of the 1 images could be read by PIL.*a.gif"):
+        coco_to_shards(tmp_path / "images", annotations, tmp_path / "out")
+    assert list((tmp_path / "out").iterdir()) == []
 
 
 def vqa_files(tmp_path, question_ids=(5, 6), annotation_ids=(5, 6)):
