@@ -45,7 +45,7 @@ from seed_lightning.data.shards import (
     report_shard_problem,
 )
 from seed_lightning.data.transforms import ImageTransform
-from seed_lightning.errors import ConfigError
+from seed_lightning.errors import ConfigError, SeedLightningError
 
 STREAM_STATE_KEY = "_stream_state"
 """Private train-batch entry holding the producer's StreamState; removed before the LightningModule sees it."""
@@ -97,6 +97,24 @@ class ResumeBook:
         self.states = [None if s is None else StreamState.from_dict(s) for s in state["states"]]
 
 
+class _WorkerError:
+    """A SeedLightningError raised in a DataLoader worker, passed to the main process as a batch: torch would
+    re-raise it there with the worker's whole traceback as its message instead of the one line."""
+
+    def __init__(self, error: SeedLightningError) -> None:
+        self.error = error
+
+
+def _errors_as_batches(batches: Iterator[dict[str, Any]]) -> Iterator[Any]:
+    """`batches`; in a worker process, a SeedLightningError ends them as a final `_WorkerError`."""
+    try:
+        yield from batches
+    except SeedLightningError as error:
+        if get_worker_info() is None:
+            raise
+        yield _WorkerError(error)
+
+
 class ShardTrainDataset(IterableDataset):
     """The train stream of one rank for one DataLoader iteration (see the module docstring)."""
 
@@ -125,7 +143,10 @@ class ShardTrainDataset(IterableDataset):
     def __len__(self) -> int:
         return self.batches_per_epoch
 
-    def __iter__(self) -> Iterator[dict[str, Any]]:
+    def __iter__(self) -> Iterator[Any]:
+        return _errors_as_batches(self._batches())
+
+    def _batches(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
         worker, num_workers = (0, 1) if info is None else (info.id, info.num_workers)
         if num_workers != len(self.book.states):
@@ -171,7 +192,10 @@ class ShardValDataset(IterableDataset):
     def __len__(self) -> int:
         return math.ceil(len(self.refs) / self.batch_size)
 
-    def __iter__(self) -> Iterator[dict[str, Any]]:
+    def __iter__(self) -> Iterator[Any]:
+        return _errors_as_batches(self._batches())
+
+    def _batches(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
         worker, num_workers = (0, 1) if info is None else (info.id, info.num_workers)
         reader, skipped = ShardReader(), Counter()
@@ -320,7 +344,8 @@ class ShardDataModule(LightningDataModule):
         self.setup("validate")
         rank, world_size = self._rank_and_world_size()
         decode = make_decoder(self.kind, self._transform(train=False), self.max_words)
-        return self._loader(ShardValDataset(self._val_refs, decode, self.val_batch_size, rank, world_size))
+        dataset = ShardValDataset(self._val_refs, decode, self.val_batch_size, rank, world_size)
+        return self._loader(dataset, _ShardLoader)
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         """Record (and strip) the stream state of a train batch that is about to be trained on."""
@@ -373,7 +398,7 @@ class ShardDataModule(LightningDataModule):
     def _transform(self, train: bool) -> ImageTransform:
         return ImageTransform(image_size=self.image_size, train=train, scale=self.crop_scale, hflip=self.hflip)
 
-    def _loader(self, dataset: IterableDataset, loader_class: type[DataLoader] = DataLoader) -> DataLoader:
+    def _loader(self, dataset: IterableDataset, loader_class: type["_ShardLoader"]) -> DataLoader:
         # persistent_workers stays off: each iteration must re-create its workers from the main process's record
         # of consumed batches (the logical-worker assignment shifts between iterations, and batches a persistent
         # worker prefetched but nobody trained on would be lost). Re-forking costs well under a second per epoch.
@@ -391,7 +416,17 @@ class ShardDataModule(LightningDataModule):
         )
 
 
-class _ResumableLoader(DataLoader):
+class _ShardLoader(DataLoader):
+    """A DataLoader that raises a worker's SeedLightningError as the worker raised it (see `_WorkerError`)."""
+
+    def __iter__(self) -> Iterator[Any]:
+        for batch in super().__iter__():
+            if isinstance(batch, _WorkerError):
+                raise batch.error
+            yield batch
+
+
+class _ResumableLoader(_ShardLoader):
     """A DataLoader that tells Lightning it resumes mid-epoch (so Lightning does not warn that it cannot). Its
     own state is empty: ShardDataModule saves and restores the stream positions, before this loader iterates."""
 

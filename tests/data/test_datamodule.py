@@ -1,5 +1,8 @@
 import io
+import os
 import struct
+import subprocess
+import sys
 from types import SimpleNamespace
 
 import pytest
@@ -198,6 +201,35 @@ def test_missing_shards_fail_at_setup(shards):
         make_module(shards, train=[ShardSource(f"{shards}/a-{{000..003}}.tar")]).setup("fit")
     with pytest.raises(DataError, match="nothing-"):
         make_module(shards, val=f"{shards}/nothing-*.tar").setup("validate")
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_an_error_in_a_loader_worker_is_raised_as_its_one_line(tmp_path, num_workers):
+    for shard in range(3):
+        (tmp_path / f"empty-{shard}.tar").touch()
+    module = make_module(tmp_path, train=[ShardSource(f"{tmp_path}/empty-{{0..2}}.tar")], val=None,
+                         num_workers=num_workers)
+    with pytest.raises(DataError, match="^train source 0 gave 1000 empty shards in a row") as error:
+        consume(module)
+    assert "\n" not in str(error.value)
+
+
+@pytest.mark.slow
+def test_cli_prints_a_loader_worker_error_in_one_line(default_world, tmp_path):
+    for shard in range(3):
+        (tmp_path / f"empty-{shard}.tar").touch()
+    command = [
+        sys.executable, "-m", "seed_lightning.cli", "tokenizer", "fit", "-c", "conf/tokenizer/tiny.yaml",
+        "--data.train", f"[{{urls: '{tmp_path}/empty-{{0..2}}.tar'}}]", "--data.val", "null",
+        "--data.num_workers", "2", "--trainer.default_root_dir", str(tmp_path / "run"), "--trainer.logger", "false",
+        "--trainer.callbacks", "[]", "--trainer.max_steps", "1", "--trainer.enable_progress_bar", "false",
+    ]
+    result = subprocess.run(command, cwd=default_world.repo, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "SEED_LOG_LEVEL": "WARNING"})
+    assert result.returncode == 2, result.stderr[-3000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("seed-lightning: error:")]
+    assert len(errors) == 1 and "train source 0 gave 1000 empty shards in a row" in errors[0], result.stderr[-3000:]
+    assert "Traceback" not in result.stderr and "Caught" not in result.stderr
 
 
 def test_lightning_cli_can_build_it_from_yaml(shards):
