@@ -32,8 +32,10 @@ from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from seed_lightning.data.shards import (
+    IMAGE_EXTENSIONS,
     SampleDecoder,
     SampleRef,
+    ShardProblems,
     ShardReader,
     SkipSample,
     StreamState,
@@ -42,10 +44,9 @@ from seed_lightning.data.shards import (
     expand_urls,
     index_tar,
     make_decoder,
-    report_shard_problem,
 )
 from seed_lightning.data.transforms import ImageTransform
-from seed_lightning.errors import ConfigError, SeedLightningError
+from seed_lightning.errors import ConfigError, DataError, SeedLightningError
 
 STREAM_STATE_KEY = "_stream_state"
 """Private train-batch entry holding the producer's StreamState; removed before the LightningModule sees it."""
@@ -173,6 +174,7 @@ class ShardTrainDataset(IterableDataset):
                 batch[STREAM_STATE_KEY] = stream.state()
                 yield batch
         finally:
+            stream.report_problems()
             stream.close()
 
 
@@ -303,16 +305,30 @@ class ShardDataModule(LightningDataModule):
         return self._book.skipped()
 
     def setup(self, stage: str) -> None:
-        """Expand and check the shard patterns (DataError on missing files) and index the val shards."""
+        """Expand and check the shard patterns and index the val shards: DataError on missing files or on a
+        validation set without a usable sample; damaged val shards are warned about, one line per kind."""
         if stage == "fit" and self._train_urls is None:
             self._train_urls = [expand_urls(source.urls) for source in self.train_sources]
         if self.val is not None and self._val_refs is None and stage in ("fit", "validate"):
-            self._val_refs = []
-            for url in expand_urls(self.val):
-                index = index_tar(url)
-                if index.problem is not None:
-                    report_shard_problem(url, index, Counter())
-                self._val_refs.extend(index.samples)
+            self._val_refs = self._index_val()
+
+    def _index_val(self) -> list[SampleRef]:
+        urls = expand_urls(self.val)
+        refs, problems = [], ShardProblems()
+        for url in urls:
+            index = index_tar(url)
+            if index.problem is not None:
+                problems.add(url, index)
+            refs.extend(index.samples)
+        wanted = IMAGE_EXTENSIONS if self.kind == "image" else ("codes",)
+        if not any(extension in wanted for ref in refs for extension, _, _ in ref.members):
+            found = "; ".join(problems.lines()) or f"{len(refs)} samples, none with a {'/'.join(wanted)} member"
+            raise DataError(
+                f"data.val {self.val!r} ({len(urls)} files) has no usable sample ({found}): give uncompressed .tar"
+                f" shards of KEY.{wanted[0]} + KEY.txt samples, or set data.val: null to train without validation"
+            )
+        problems.warn("validation shards")
+        return refs
 
     def train_dataloader(self) -> DataLoader:
         if not self.train_sources:

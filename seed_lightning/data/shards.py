@@ -67,6 +67,9 @@ class ShardIndex(NamedTuple):
 
     samples: list[SampleRef]
     problem: str | None
+    damage: str | None = None
+    """The kind of problem, what repeated problems are counted under: "empty file", "not a tar archive",
+    "truncated", "unreadable member header" or "unreadable file"."""
 
 
 SampleDecoder = Callable[[dict[str, Any], random.Random], dict[str, Any]]
@@ -104,7 +107,7 @@ def index_tar(url: str) -> ShardIndex:
     samples: list[SampleRef] = []
     key: str | None = None
     members: list[tuple[str, int, int]] = []
-    problem = None
+    problem = damage = None
     try:
         file_size = os.path.getsize(url)
         with open(url, "rb") as file, tarfile.open(fileobj=file, mode="r:") as tar:
@@ -117,33 +120,61 @@ def index_tar(url: str) -> ShardIndex:
                         samples.append(SampleRef(url, key, tuple(members)))
                     key, members = match.group(1), []
                 if info.offset_data + info.size > file_size:
-                    problem = f"member {info.name!r} is cut off (truncated file)"
+                    problem, damage = f"member {info.name!r} is cut off (truncated file)", "truncated"
                     break
                 # Interned: one string object per extension keeps pickled stream states small.
                 members.append((sys.intern(match.group(2).lower()), info.offset_data, info.size))
             else:
-                problem = _end_of_archive_problem(file, tar.offset, file_size)
-    except (tarfile.TarError, OSError) as error:
+                problem, damage = _end_of_archive_problem(file, tar.offset, file_size)
+    except tarfile.TarError as error:
         problem = f"{type(error).__name__}: {error}"
+        damage = "empty file" if file_size == 0 else "not a tar archive"
+    except OSError as error:
+        problem, damage = f"{type(error).__name__}: {error}", "unreadable file"
     if members and problem is None:
         samples.append(SampleRef(url, key, tuple(members)))
-    return ShardIndex(samples, problem)
+    return ShardIndex(samples, problem, damage)
 
 
-def _end_of_archive_problem(file: BinaryIO, offset: int, file_size: int) -> str | None:
+def _end_of_archive_problem(file: BinaryIO, offset: int, file_size: int) -> tuple[str | None, str | None]:
     """tarfile ends quietly at a cut-off or garbled header; a sound tar ends in two zero blocks there."""
     if file_size - offset < 2 * tarfile.BLOCKSIZE:
-        return "no end-of-archive marker (truncated file)"
+        return "no end-of-archive marker (truncated file)", "truncated"
     file.seek(offset)
     if file.read(tarfile.BLOCKSIZE).strip(b"\0"):
-        return f"unreadable member header at byte {offset}"
-    return None
+        return f"unreadable member header at byte {offset}", "unreadable member header"
+    return None, None
 
 
 def report_shard_problem(url: str, index: ShardIndex, skipped: Counter) -> None:
     """Count a damaged shard under "bad_shard" and warn (Python shows each distinct message once per process)."""
     skipped["bad_shard"] += 1
     warnings.warn(f"shard {url}: {index.problem}; using its first {len(index.samples)} complete samples", stacklevel=2)
+
+
+class ShardProblems:
+    """Damaged shards by kind of damage, reported in one line per kind (with the count and the first shard)
+    rather than one line per shard: a glob of 4,268 images is one line, not 4,268."""
+
+    def __init__(self) -> None:
+        self._shards: dict[str, dict[str, str]] = {}  # damage -> {url: problem}, in the order met
+
+    def add(self, url: str, index: ShardIndex) -> None:
+        self._shards.setdefault(index.damage, {}).setdefault(url, index.problem)
+
+    def lines(self) -> list[str]:
+        """One line per kind of damage: '<count> shard(s) <kind> (first: <url>: <problem>)'."""
+        lines = []
+        for damage, shards in self._shards.items():
+            url, problem = next(iter(shards.items()))
+            lines.append(f"{len(shards)} shard(s) {damage} (first: {url}: {problem})")
+        return lines
+
+    def warn(self, where: str) -> None:
+        """Warn one line per kind of damage and forget them."""
+        for line in self.lines():
+            warnings.warn(f"{where}: {line}; the complete samples before any damage are used", stacklevel=2)
+        self._shards.clear()
 
 
 class ShardReader:
@@ -315,6 +346,7 @@ class WeightedMixer:
         self.sources = sources
         self.rng = rng
         self.skipped = skipped
+        self.problems = ShardProblems()
         self._source_ids = list(range(len(sources)))
         self._cum_weights = [sum(weights[: i + 1]) for i in range(len(weights))]
         self._shards: list[str | None] = [None] * len(sources)
@@ -333,14 +365,17 @@ class WeightedMixer:
         empty_draws = 0
         while self._next[source] >= len(self._samples[source]):
             if empty_draws >= MAX_CONSECUTIVE_SKIPS:
+                found = "; ".join(self.problems.lines()) or f"last: {self._shards[source]}"
+                self.problems = ShardProblems()  # told here, not warned again
                 raise DataError(
-                    f"train source {source} gave {empty_draws} empty shards in a row (last: {self._shards[source]}):"
+                    f"train source {source} gave {empty_draws} empty shards in a row ({found}):"
                     " check that its shards are uncompressed tars with samples"
                 )
             url = self.rng.choice(self.sources[source])
             index = index_tar(url)
             if index.problem is not None:
-                report_shard_problem(url, index, self.skipped)
+                self.skipped["bad_shard"] += 1
+                self.problems.add(url, index)
             self._shards[source], self._samples[source], self._next[source] = url, index.samples, 0
             empty_draws += 1
         self._next[source] += 1
@@ -457,6 +492,10 @@ class TrainStream:
             batches=self.batches,
             skipped=dict(self.skipped),
         )
+
+    def report_problems(self) -> None:
+        """Warn about the damaged shards drawn since the last report: one line per kind of damage."""
+        self.mixer.problems.warn(f"train stream {self.worker}")
 
     def close(self) -> None:
         self.reader.close()

@@ -1,8 +1,10 @@
 import io
 import os
+import re
 import struct
 import subprocess
 import sys
+import warnings
 from types import SimpleNamespace
 
 import pytest
@@ -203,6 +205,58 @@ def test_missing_shards_fail_at_setup(shards):
         make_module(shards, val=f"{shards}/nothing-*.tar").setup("validate")
 
 
+def one_line_setup_error(module: ShardDataModule) -> str:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the error says it all: no warning line per file before it
+        with pytest.raises(DataError) as error:
+            module.setup("fit")
+    assert "\n" not in str(error.value) and "data.val: null" in str(error.value)
+    return str(error.value)
+
+
+def test_a_validation_set_without_samples_is_an_error_at_start(shards):
+    for shard in range(3):
+        (shards / f"zero-{shard}.tar").touch()
+    message = one_line_setup_error(make_module(shards, val=f"{shards}/zero-*.tar"))
+    assert f"(3 files) has no usable sample (3 shard(s) empty file (first: {shards}/zero-0.tar" in message
+
+
+def test_a_glob_of_images_as_validation_set_is_one_error_line(shards):
+    for number in range(40):
+        (shards / f"image-{number:02d}.jpg").write_bytes(jpeg_bytes(number))
+    message = one_line_setup_error(make_module(shards, val=f"{shards}/*.jpg"))
+    assert f"(40 files) has no usable sample (40 shard(s) not a tar archive (first: {shards}/image-00.jpg" in message
+
+
+def test_a_validation_set_without_usable_members_is_an_error_at_start(shards):
+    with TarWriter(str(shards / "gifs.tar"), mtime=0) as writer:
+        writer.write({"__key__": "g0", "gif": b"GIF89a", "txt": "a gif"})
+    message = one_line_setup_error(make_module(shards, val=f"{shards}/gifs.tar"))
+    assert "1 samples, none with a jpg/jpeg/png/webp member" in message
+    assert make_module(shards, val=None).val_dataloader() == []  # the explicit opt-out
+
+
+def test_damaged_shards_are_counted_in_one_warning_line_per_kind(shards):
+    for shard in range(5):
+        (shards / f"val-zero-{shard}.tar").touch()
+    (shards / "val-text.tar").write_text("not a tar" * 100)
+    module = make_module(shards, val=f"{shards}/val-*.tar")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        module.setup("validate")
+    assert len(module._val_refs) == 11
+    assert [str(warning.message).split(" (first")[0] for warning in caught] == [
+        "validation shards: 1 shard(s) not a tar archive", "validation shards: 5 shard(s) empty file"
+    ]
+    for shard in range(20):
+        (shards / f"zero-{shard}.tar").touch()
+    module = make_module(shards, train=[ShardSource(f"{shards}/zero-{{0..19}}.tar::{shards}/a-000.tar")], val=None)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        consume(module)  # one epoch
+    assert len(caught) == 1 and re.match(r"train stream 0: 1\d shard\(s\) empty file", str(caught[0].message))
+
+
 @pytest.mark.parametrize("num_workers", [0, 2])
 def test_an_error_in_a_loader_worker_is_raised_as_its_one_line(tmp_path, num_workers):
     for shard in range(3):
@@ -229,6 +283,8 @@ def test_cli_prints_a_loader_worker_error_in_one_line(default_world, tmp_path):
     assert result.returncode == 2, result.stderr[-3000:]
     errors = [line for line in result.stderr.splitlines() if line.startswith("seed-lightning: error:")]
     assert len(errors) == 1 and "train source 0 gave 1000 empty shards in a row" in errors[0], result.stderr[-3000:]
+    assert "3 shard(s) empty file" in errors[0]
+    assert sum("empty file" in line for line in result.stderr.splitlines()) == 1  # no warning line per shard
     assert "Traceback" not in result.stderr and "Caught" not in result.stderr
 
 

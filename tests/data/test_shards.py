@@ -2,6 +2,7 @@ import io
 import random
 import struct
 import tarfile
+import warnings
 from collections import Counter
 
 import pytest
@@ -234,8 +235,14 @@ def new_stream(urls, state=None, batch_size=3):
 
 def test_train_stream_skips_and_counts_bad_samples_without_raising(tmp_path):
     stream = new_stream(shards_with_problems(tmp_path))
-    with pytest.warns(UserWarning, match="mixed.tar"):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         batches = [stream.next_batch() for _ in range(12)]
+        stream.report_problems()  # damaged shards are reported together, once per kind
+    assert [str(warning.message) for warning in caught] == [
+        f"train stream 0: 1 shard(s) truncated (first: {tmp_path}/mixed.tar: member 'm4.jpg' is cut off (truncated"
+        " file)); the complete samples before any damage are used"
+    ]
     assert all(b["pixel_values"].shape == (3, 3, 8, 8) for b in batches)
     keys = {key for b in batches for key in b["key"]}
     assert {"m0", "m3"} <= keys and not keys & {"m1", "m2", "m4"}
