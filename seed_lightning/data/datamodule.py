@@ -19,6 +19,7 @@ is replayed or decoded, and batches prefetched but never trained on are simply m
 """
 
 import math
+import os
 import random
 import warnings
 from collections import Counter
@@ -226,7 +227,7 @@ class ShardDataModule(LightningDataModule):
 
     def __init__(
         self,
-        train: list[ShardSource] | None = None,
+        train: list[ShardSource] | str | None = None,
         val: str | None = None,
         kind: Literal["image", "codes"] = "image",
         image_size: int = 224,
@@ -243,7 +244,8 @@ class ShardDataModule(LightningDataModule):
     ) -> None:
         """
         Args:
-            train: Training sources (shard patterns with mixing weights); required for fitting.
+            train: Training sources (shard patterns with mixing weights), e.g. [{urls: 'shards/{000000..000099}.tar'}];
+                required for fitting. (A plain string is accepted by the parser only to be refused with that hint.)
             val: Validation shards ('::'-separated brace/glob patterns), read in order; None for no validation.
             kind: "image" for image-text shards (pixel_values), "codes" for token shards (codes LongTensor[B, 32]).
             image_size: Side of the square images fed to the model, in pixels.
@@ -258,6 +260,8 @@ class ShardDataModule(LightningDataModule):
             max_words: Captions are truncated to this many words after cleaning.
             prefetch_factor: Batches each DataLoader worker prepares ahead.
         """
+        if isinstance(train, str):
+            raise ConfigError(_not_a_source_list(train))
         # Plain data only (no ShardSource objects), so checkpoints load with torch.load(weights_only=True).
         hyperparameters = {name: value for name, value in locals().items() if name not in ("self", "__class__")}
         super().__init__()
@@ -430,6 +434,17 @@ class ShardDataModule(LightningDataModule):
             # torch RNG, whose state (dropout masks) must not depend on when iterators are created (exact resume).
             generator=torch.Generator().manual_seed(self.seed),
         )
+
+
+def _not_a_source_list(value: str) -> str:
+    """What to write instead of a bare path or pattern as data.train."""
+    expected = "data.train expects a list of sources such as [{urls: 'shards/{000000..000099}.tar'}]"
+    if os.path.isdir(value):
+        pattern = os.path.join(value, "*.tar")
+        return (f"{expected}; got {value!r}, a directory: give a pattern of .tar shards inside it,"
+                f" e.g. [{{urls: '{pattern}'}}]")
+    what = "the file" if os.path.isfile(value) else "the string"
+    return f"{expected}; got {what} {value!r}: write [{{urls: '{value}'}}]"
 
 
 class _ShardLoader(DataLoader):

@@ -93,6 +93,11 @@ def expand_urls(pattern: str) -> list[str]:
                 urls.extend(matches)
             elif os.path.isfile(path):
                 urls.append(path)
+            elif os.path.isdir(path):
+                raise DataError(
+                    f"shard path {path!r} is a directory; give a pattern of .tar shards inside it, e.g."
+                    f" {os.path.join(path, '*.tar')}"
+                )
             else:
                 raise DataError(f"shard file {path!r} not found: check the path and the brace range")
     return urls

@@ -288,6 +288,30 @@ def test_cli_prints_a_loader_worker_error_in_one_line(default_world, tmp_path):
     assert "Traceback" not in result.stderr and "Caught" not in result.stderr
 
 
+def test_a_path_as_train_sources_says_what_is_expected(shards):
+    expected = "data.train expects a list of sources such as [{urls: 'shards/{000000..000099}.tar'}]; got "
+    with pytest.raises(ConfigError) as error:
+        ShardDataModule(train=f"{shards}/a-000.tar")
+    assert str(error.value) == expected + f"the file '{shards}/a-000.tar': write [{{urls: '{shards}/a-000.tar'}}]"
+    with pytest.raises(ConfigError) as error:
+        ShardDataModule(train=str(shards))
+    assert str(error.value).startswith(expected + f"'{shards}', a directory: give a pattern of .tar shards inside it")
+    assert str(error.value).endswith(f"e.g. [{{urls: '{shards}/*.tar'}}]")
+
+
+@pytest.mark.slow
+def test_cli_says_what_data_train_expects(default_world, capsys, monkeypatch):
+    from seed_lightning import cli
+
+    monkeypatch.chdir(default_world.repo)
+    shard = default_world.shards / "train-000000.tar"
+    for given, told in [(shard, f"got the file '{shard}'"), (default_world.shards, "a directory")]:
+        argv = ["tokenizer", "fit", "-c", "conf/tokenizer/tiny.yaml", "--data.train", str(given)]
+        assert cli.main(argv) == 2
+        errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("seed-lightning: error:")]
+        assert len(errors) == 1 and "data.train expects a list of sources" in errors[0] and told in errors[0]
+
+
 def test_lightning_cli_can_build_it_from_yaml(shards):
     parser = ArgumentParser()
     parser.add_class_arguments(ShardDataModule, "data")

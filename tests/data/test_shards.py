@@ -73,6 +73,12 @@ def test_expand_urls_missing_file_or_empty_match_is_a_data_error_naming_it(tmp_p
         expand_urls(f"{tmp_path}/{pattern}")
 
 
+def test_expand_urls_says_a_directory_is_a_directory(tmp_path):
+    (tmp_path / "shards").mkdir()
+    with pytest.raises(DataError, match=f"'{tmp_path}/shards' is a directory; .* e.g. {tmp_path}/shards/\\*.tar$"):
+        expand_urls(f"{tmp_path}/shards")
+
+
 def test_tar_samples_are_grouped_by_key_in_file_order(tmp_path):
     url = write_shard(
         tmp_path / "s.tar",
