@@ -233,6 +233,7 @@ class ShardDataModule(LightningDataModule):
         image_size: int = 224,
         crop_scale: tuple[float, float] = (0.5, 1.0),
         hflip: bool = True,
+        jpeg_draft: bool = True,
         batch_size: int = 64,
         val_batch_size: int | None = None,
         num_workers: int = 4,
@@ -251,6 +252,8 @@ class ShardDataModule(LightningDataModule):
             image_size: Side of the square images fed to the model, in pixels.
             crop_scale: Area fraction range of the training random-resized crop.
             hflip: Randomly flip training images horizontally.
+            jpeg_draft: Decode large JPEGs at reduced scale (never below image_size): several times faster loading,
+                pixels slightly different from a full-size decode. False decodes every image at full size.
             batch_size: Training batch size per rank (per GPU).
             val_batch_size: Validation batch size per rank; None means batch_size.
             num_workers: DataLoader worker processes per rank (0 = load in the main process).
@@ -291,6 +294,7 @@ class ShardDataModule(LightningDataModule):
         self.image_size = image_size
         self.crop_scale = tuple(crop_scale)
         self.hflip = hflip
+        self.jpeg_draft = jpeg_draft
         self.batch_size = batch_size
         self.val_batch_size = val_batch_size or batch_size
         self.num_workers = num_workers
@@ -416,7 +420,9 @@ class ShardDataModule(LightningDataModule):
         return self.trainer.global_rank, self.trainer.world_size
 
     def _transform(self, train: bool) -> ImageTransform:
-        return ImageTransform(image_size=self.image_size, train=train, scale=self.crop_scale, hflip=self.hflip)
+        return ImageTransform(
+            image_size=self.image_size, train=train, scale=self.crop_scale, hflip=self.hflip, jpeg_draft=self.jpeg_draft
+        )
 
     def _loader(self, dataset: IterableDataset, loader_class: type["_ShardLoader"]) -> DataLoader:
         # persistent_workers stays off: each iteration must re-create its workers from the main process's record

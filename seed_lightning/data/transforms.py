@@ -1,7 +1,14 @@
-"""Image preprocessing with PIL + torch (no torchvision): any PIL mode -> RGB -> crop/resize -> CLIP-normalised tensor.
+"""The data loaders' image preprocessing with PIL + torch (no torchvision): any PIL mode -> RGB -> crop/resize ->
+CLIP-normalised tensor.
 
 The training crop is torchvision's RandomResizedCrop algorithm driven by an explicit `random.Random`, so a
 sample's augmentation is a pure function of its position in the stream (needed for exact resume).
+
+These transforms favour loader speed and robust decoding over bit-exactness: JPEGs are decoded at reduced scale
+where the output keeps enough pixels (`jpeg_draft`, switchable: `ShardDataModule(jpeg_draft=...)`), transparency
+is composited on white and 16-bit greyscale is scaled, not clipped. The exact official SEED inference input
+(PIL `convert("RGB")`, bicubic resize, mean/std) is `SeedTokenizer.preprocess`, which token extraction and the
+inference commands use.
 """
 
 import math
@@ -102,8 +109,10 @@ def image_to_tensor(image: Image.Image, mean: torch.Tensor, std: torch.Tensor) -
 class ImageTransform:
     """PIL image (any mode, ideally not yet loaded so JPEG draft decoding applies) -> FloatTensor[3, S, S].
 
-    Train: random-resized crop (bicubic) + optional horizontal flip; eval: bicubic resize to S x S (SEED's eval
-    preprocessing, no centre crop). Randomness comes only from the `rng` argument.
+    Train: random-resized crop (bicubic) + optional horizontal flip; eval: bicubic resize to S x S (no centre crop,
+    as SEED evaluates; see the module docstring for how it differs from the exact official input). Randomness comes
+    only from the `rng` argument. With `jpeg_draft` it may reduce a lazily opened JPEG in place (`Image.draft`):
+    give it images it owns, as the loaders do.
     """
 
     image_size: int = 224
@@ -121,7 +130,8 @@ class ImageTransform:
     std: tuple[float, float, float] = CLIP_STD
     """Per-channel standard deviation divided by after subtracting the mean."""
     jpeg_draft: bool = True
-    """Decode large JPEGs at reduced scale (never below what the output needs): much faster, nearly identical."""
+    """Decode large JPEGs at reduced scale (never below what the output needs): several times faster, pixels
+    slightly different from a full-size decode."""
 
     def __post_init__(self) -> None:
         self._mean = torch.tensor(self.mean).view(3, 1, 1)

@@ -20,7 +20,6 @@ import copy
 import dataclasses
 import json
 import re
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,6 +31,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LogitsProcessor, L
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from seed_lightning.errors import ConfigError
+from seed_lightning.models.modes import eval_mode
 from seed_lightning.models.visual_vocab import VisualVocabulary
 
 SAVED_CONFIG_NAME = "seed_mllm.json"
@@ -308,7 +308,7 @@ class MultimodalLM(nn.Module):
             attention_mask[row, longest - len(prompt):] = 1
         dtype = self.compute_dtype  # mixed-dtype weights run under autocast, as they do in training
         # Compiled layers (a training option) run eagerly here: decoding changes shapes every step.
-        with _eval_mode(self.model), torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None), \
+        with eval_mode(self.model), torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None), \
                 torch.compiler.set_stance("force_eager"):
             output = self.model.generate(
                 input_ids=input_ids.to(self.device),
@@ -379,14 +379,3 @@ def short_answer(text: str) -> str:
     line = text.strip().split("\n", 1)[0]
     line = line.split("Question:", 1)[0]
     return re.split(r"(?<=[.!?])\s", line.strip(), maxsplit=1)[0].strip()
-
-
-@contextmanager
-def _eval_mode(module: nn.Module):
-    """Run generation without dropout, then restore the caller's train/eval mode."""
-    was_training = module.training
-    module.eval()
-    try:
-        yield
-    finally:
-        module.train(was_training)

@@ -4,7 +4,6 @@ import dataclasses
 import json
 import logging
 import os
-import random
 import re
 from dataclasses import dataclass, field
 from typing import Self
@@ -14,7 +13,7 @@ from PIL import Image
 from safetensors.torch import load_model, save_model
 from torch import nn
 
-from seed_lightning.data.transforms import CLIP_MEAN, CLIP_STD, ImageTransform
+from seed_lightning.data.transforms import CLIP_MEAN, CLIP_STD, image_to_tensor
 from seed_lightning.config import dataclass_from_dict
 from seed_lightning.errors import ConfigError
 from seed_lightning.models.causal_qformer import CausalQFormer, CausalQFormerConfig
@@ -24,6 +23,7 @@ from seed_lightning.models.heads import (
     ReconstructionHead,
     ReconstructionHeadConfig,
 )
+from seed_lightning.models.modes import eval_mode
 from seed_lightning.models.pretrained import WEIGHTS_FILE, load_into
 from seed_lightning.models.quantizer import QuantizerOutput, VectorQuantizer
 from seed_lightning.models.vision import VisionEncoder, VisionEncoderConfig
@@ -192,11 +192,15 @@ class SeedTokenizer(nn.Module):
         return self.config.qformer.num_queries
 
     def preprocess(self, images: list[Image.Image]) -> torch.Tensor:
-        """PIL images (any mode) -> normalised pixels [B, 3, S, S] (CPU, fp32): the data pipeline's eval
-        transform (RGB, bicubic resize to S x S, mean/std)."""
-        transform = ImageTransform(image_size=self.image_size, mean=self.config.image_mean, std=self.config.image_std)
-        rng = random.Random(0)  # the eval transform draws nothing from it
-        return torch.stack([transform(image, rng) for image in images])
+        """PIL images (any mode) -> normalised pixels [B, 3, S, S] (CPU, fp32), exactly the official SEED / BLIP-2
+        inference input: PIL's `convert("RGB")`, bicubic resize to S x S, mean/std. The images are not changed
+        (the training loaders' faster, slightly different decoding is in `seed_lightning.data.transforms`)."""
+        mean = torch.tensor(self.config.image_mean).view(3, 1, 1)
+        std = torch.tensor(self.config.image_std).view(3, 1, 1)
+        size = (self.image_size, self.image_size)
+        return torch.stack(
+            [image_to_tensor(image.convert("RGB").resize(size, Image.Resampling.BICUBIC), mean, std) for image in images]
+        )
 
     def causal_embeddings(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Pixels [B, 3, S, S] -> causal embeddings [B, Q, D]."""
@@ -208,8 +212,10 @@ class SeedTokenizer(nn.Module):
 
     @torch.no_grad()
     def encode(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """Pixels [B, 3, S, S] -> codes LongTensor [B, Q] in [0, num_codes). Call .eval() first (Q-Former dropout)."""
-        return self.quantizer.nearest_codes(self.encode_task_layer(self.causal_embeddings(pixel_values)))
+        """Pixels [B, 3, S, S] -> codes LongTensor [B, Q] in [0, num_codes). Runs without dropout whatever the
+        module's train/eval mode (which it leaves as it was), so the same image always gets the same codes."""
+        with eval_mode(self):
+            return self.quantizer.nearest_codes(self.encode_task_layer(self.causal_embeddings(pixel_values)))
 
     # ---- codes -> embeddings ------------------------------------------------------------------
     def embed_codes(self, codes: torch.Tensor) -> torch.Tensor:
@@ -217,8 +223,10 @@ class SeedTokenizer(nn.Module):
         return self.decode_task_layer(self.quantizer.lookup(codes))
 
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
-        """Codes [B, Q] -> generation embeddings [B, num_queries of the head, out_dim] (SD prompt_embeds)."""
-        return self.gen_head(self.embed_codes(codes))
+        """Codes [B, Q] -> generation embeddings [B, num_queries of the head, out_dim] (SD prompt_embeds); like
+        `encode`, without dropout whatever the module's mode."""
+        with eval_mode(self):
+            return self.gen_head(self.embed_codes(codes))
 
     # ---- persistence --------------------------------------------------------------------------
     def save(self, directory: str | os.PathLike) -> None:
@@ -230,7 +238,7 @@ class SeedTokenizer(nn.Module):
 
     @classmethod
     def load(cls, directory: str | os.PathLike, map_location: str | torch.device = "cpu") -> Self:
-        """Rebuild a tokenizer written by `save`; needs none of the original pretrained folders."""
+        """Rebuild a tokenizer written by `save`, in eval mode; needs none of the original pretrained folders."""
         config_path = os.path.join(directory, CONFIG_FILE)
         weights_path = os.path.join(directory, WEIGHTS_FILE)
         if not (os.path.isfile(config_path) and os.path.isfile(weights_path)):
@@ -241,4 +249,4 @@ class SeedTokenizer(nn.Module):
             raise ConfigError(f"{config_path} was not written by SeedTokenizer.save; point at an exported tokenizer")
         tokenizer = cls(SeedTokenizerConfig.from_dict(saved["config"]))
         load_model(tokenizer, weights_path, strict=True)
-        return tokenizer.to(map_location)
+        return tokenizer.to(map_location).eval()

@@ -1,5 +1,6 @@
 import io
 import os
+import random
 import re
 import struct
 import subprocess
@@ -196,6 +197,18 @@ def test_bad_configuration_is_a_one_line_config_error(shards, overrides, message
     with pytest.raises(ConfigError, match=message) as error:
         make_module(shards, **overrides).train_dataloader()
     assert "\n" not in str(error.value)
+
+
+def test_jpeg_draft_decoding_is_a_switch(tmp_path):
+    buffer = io.BytesIO()
+    Image.linear_gradient("L").resize((800, 600)).convert("RGB").save(buffer, format="JPEG")
+    with TarWriter(str(tmp_path / "photos.tar"), mtime=0) as writer:
+        writer.write({"__key__": "photo", "jpg": buffer.getvalue(), "txt": "a photo"})
+    full_decode = ImageTransform(image_size=16, jpeg_draft=False)(Image.open(io.BytesIO(buffer.getvalue())), random.Random(0))
+    for jpeg_draft in (True, False):
+        module = ShardDataModule(val=str(tmp_path / "photos.tar"), image_size=16, num_workers=0, jpeg_draft=jpeg_draft)
+        pixels = next(iter(module.val_dataloader()))["pixel_values"][0]
+        assert torch.equal(pixels, full_decode) is not jpeg_draft, "draft decoding (the default) differs slightly"
 
 
 def test_missing_shards_fail_at_setup(shards):

@@ -1,7 +1,9 @@
 import dataclasses
 import json
+import logging
 import shutil
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -132,6 +134,76 @@ def test_preprocess_resizes_converts_and_normalises(tokenizer):
         expected = (torch.tensor(rgb) / 255 - mean) / std
         torch.testing.assert_close(pixels[image_index].mean(dim=(1, 2)), expected, atol=1e-3, rtol=0)
     assert tokenizer.encode(pixels).shape == (3, 8)
+
+
+def official_input(image: Image.Image) -> torch.Tensor:
+    """The official SEED / BLIP-2 eval input, as its code computes it: convert("RGB") -> Resize((224, 224),
+    bicubic) -> ToTensor (/255) -> Normalize(CLIP mean, CLIP std)."""
+    rgb = np.array(image.convert("RGB").resize((224, 224), Image.Resampling.BICUBIC))
+    pixels = torch.from_numpy(rgb).permute(2, 0, 1).float().div(255)
+    return (pixels - torch.tensor(CLIP_MEAN).view(3, 1, 1)) / torch.tensor(CLIP_STD).view(3, 1, 1)
+
+
+def photo(width: int, height: int, mode: str = "RGB") -> Image.Image:
+    """Smooth gradients plus noise in every channel: resampling and decoding differences all show."""
+    rng = np.random.default_rng(0)
+    x, y = np.meshgrid(np.linspace(0, 255, width), np.linspace(0, 255, height))
+    channels = [x, y, 255 - x, (x + y) / 2][: len(mode)]
+    values = np.stack(channels, axis=-1) + rng.normal(0, 20, (height, width, len(mode)))
+    return Image.fromarray(values.clip(0, 255).astype(np.uint8).squeeze(), mode)
+
+
+def transparent_palette_png(path) -> None:
+    image = photo(300, 200).quantize(64)
+    image.info["transparency"] = image.getpixel((0, 0))  # one palette entry, over much of a corner, transparent
+    image.save(path, transparency=image.info["transparency"])
+
+
+@pytest.mark.parametrize(
+    "kind",
+    ["jpeg-file-lazy", "rgba-png-transparent", "palette-png-transparent", "greyscale", "rgb-in-memory"],
+)
+def test_preprocess_is_exactly_the_official_input_and_leaves_the_image_alone(kind, tmp_path):
+    tokenizer = SeedTokenizer(tiny_config(VisionEncoderConfig(image_size=224, patch_size=32, hidden_size=32,
+                                                              num_layers=1, num_heads=2, mlp_size=64)))
+    path = tmp_path / "image.png"
+    if kind == "jpeg-file-lazy":
+        path = tmp_path / "photo.jpg"
+        photo(1280, 853).save(path, quality=90)  # large enough for draft decoding to apply
+    elif kind == "rgba-png-transparent":
+        rgba = photo(320, 240, "RGBA")
+        rgba.putalpha(Image.linear_gradient("L").resize((320, 240)))  # from opaque to fully transparent
+        rgba.save(path)
+    elif kind == "palette-png-transparent":
+        transparent_palette_png(path)
+    elif kind == "greyscale":
+        photo(300, 170, "L").save(path)
+    else:
+        photo(250, 250).save(path)
+    image = Image.open(path)  # lazily opened, as a user's code would
+    size, mode = image.size, image.mode
+    pixels = tokenizer.preprocess([image])[0]
+    assert image.size == size and image.mode == mode, "the caller's image is not changed"
+    expected = official_input(Image.open(path))
+    assert pixels.shape == (3, 224, 224)
+    assert (pixels - expected).abs().max() == 0
+
+
+def test_loaded_tokenizers_are_in_eval_mode_and_encode_decode_ignore_the_mode(tmp_path):
+    torch.manual_seed(0)
+    image_dependent_codes(SeedTokenizer(tiny_config())).save(tmp_path / "export")
+    tokenizer = SeedTokenizer.load(tmp_path / "export")
+    assert not any(module.training for module in tokenizer.modules())
+
+    pixels = torch.randn(4, 3, 32, 32)
+    reference_codes, reference_embeds = tokenizer.encode(pixels), tokenizer.decode(torch.arange(8).repeat(2, 1))
+    tokenizer.train()
+    modes = {name: module.training for name, module in tokenizer.named_modules()}
+    assert modes["qformer"] and not modes["vision.model"]  # a frozen trunk stays in eval even under train()
+    for _ in range(3):
+        assert torch.equal(tokenizer.encode(pixels), reference_codes), "Q-Former dropout must be off in encode"
+        torch.testing.assert_close(tokenizer.decode(torch.arange(8).repeat(2, 1)), reference_embeds, rtol=0, atol=0)
+    assert {name: module.training for name, module in tokenizer.named_modules()} == modes, "the caller's modes"
 
 
 # LAVIS-side names of this module's tensors, written from the reference code's module names.
