@@ -31,7 +31,10 @@ class VisionEncoderConfig:
     mlp_size: int = 6144
     """Hidden width of each block's MLP."""
     layer_norm_eps: float = 1e-6
-    """LayerNorm epsilon (BLIP-2's ViT and ln_vision: 1e-6)."""
+    """LayerNorm epsilon inside the ViT blocks (EVA ViT-g: 1e-6)."""
+    ln_vision_eps: float = 1e-5
+    """Epsilon of `ln_vision`. The official BLIP-2 / SEED code uses torch's LayerNorm default (1e-5); Hugging Face's
+    Blip2VisionModel gives its post_layernorm the blocks' epsilon instead, so it is set separately here."""
     qkv_bias: bool = True
     """Whether the attention projections have q/v biases."""
     trainable: bool = False
@@ -100,6 +103,7 @@ class VisionEncoder(nn.Module):
         super().__init__()
         self.config = config.resolved()
         self.model = Blip2VisionModel(self.config.to_hf())
+        self.ln_vision.eps = self.config.ln_vision_eps
         self.model.requires_grad_(self.config.trainable)
         self.ln_vision.requires_grad_(self.config.trainable or self.config.train_ln_vision)
         self.train()

@@ -90,9 +90,21 @@ def test_pretrained_tower_matches_the_hf_model(tmp_path, kind):
 
     encoder = VisionEncoder.from_config(VisionEncoderConfig(pretrained=str(tmp_path)))
     assert encoder.config.num_layers == 3 and encoder.config.hidden_size == 32 and encoder.config.pretrained == str(tmp_path)
+    hf_vision.post_layernorm.eps = 1e-5  # ln_vision's official epsilon, which Hugging Face's port does not use
     pixels = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(encoder(pixels), hf_vision.eval()(pixel_values=pixels).last_hidden_state)
+
+
+def test_ln_vision_has_the_official_epsilon_and_the_blocks_keep_theirs(tmp_path):
+    Blip2ForImageTextRetrieval(tiny_blip2_config()).save_pretrained(tmp_path)
+    assert tiny_blip2_config().vision_config.layer_norm_eps == 1e-6  # what Hugging Face gives post_layernorm
+    random_tower = VisionEncoder(VisionEncoderConfig(**TINY))
+    blip2_tower = VisionEncoder.from_config(VisionEncoderConfig(pretrained=str(tmp_path)))
+    for encoder in (random_tower, blip2_tower):
+        assert encoder.ln_vision.eps == 1e-5, "the official code's ln_vision is an nn.LayerNorm with the default epsilon"
+        assert encoder.model.encoder.layers[0].layer_norm1.eps == 1e-6
+    assert VisionEncoder(VisionEncoderConfig(**TINY, ln_vision_eps=1e-6)).ln_vision.eps == 1e-6
 
 
 def test_non_blip2_checkpoint_is_rejected(tmp_path):
