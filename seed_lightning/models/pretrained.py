@@ -99,9 +99,13 @@ def load_into(
     state: dict[str, torch.Tensor],
     source: str,
     may_be_missing: Callable[[str], bool] = lambda name: False,
+    loaded_before: Callable[[str], bool] = lambda name: False,
+    hint: str = "wrong checkpoint?",
 ) -> list[str]:
     """Load `state` into `module`. Unexpected tensors, wrong shapes and missing tensors for which
-    `may_be_missing` is False raise ConfigError; returns (and logs) the missing ones left at their init."""
+    `may_be_missing` is False raise ConfigError (missing ones with `hint` as the fix). Missing tensors for which
+    `loaded_before` is True already hold weights loaded from another checkpoint: neither required nor reported.
+    Returns (and logs) the missing ones left at their init."""
     try:
         missing, unexpected = module.load_state_dict(state, strict=False)
     except RuntimeError as error:
@@ -109,9 +113,10 @@ def load_into(
         raise ConfigError(f"{source} does not fit the model: {shape_problem}") from None
     if unexpected:
         raise ConfigError(f"{source} has tensors the model lacks ({', '.join(unexpected[:3])}, ...); check its config")
+    missing = [name for name in missing if not loaded_before(name)]
     required = [name for name in missing if not may_be_missing(name)]
     if required:
-        raise ConfigError(f"{source} lacks required tensors ({', '.join(required[:3])}, ...); wrong checkpoint?")
+        raise ConfigError(f"{source} lacks required tensors ({', '.join(required[:3])}, ...); {hint}")
     if missing:
         log.warning("%s: %d tensors not in it, left at their init: %s", source, len(missing), ", ".join(missing))
-    return list(missing)
+    return missing

@@ -75,7 +75,8 @@ class SeedTokenizerConfig:
         return dataclass_from_dict(cls, data, where="config")
 
 
-# Official LAVIS-style SEED checkpoints (seed_tokenizer.pth, causal_qformer.pth) -> this module.
+_SEED_V1_FILES = "causal_qformer.pth (stage 1) and seed_tokenizer.pth (stage 2)"
+# Official LAVIS-style SEED checkpoints (causal_qformer.pth, seed_tokenizer.pth) -> this module.
 # Top-level renames first, then the BERT / timm-ViT sub-module renames inside them.
 _SEED_PREFIXES = [
     (r"^Qformer\.bert\.embeddings\.LayerNorm\.", "qformer.qformer.layernorm."),
@@ -155,17 +156,22 @@ class SeedTokenizer(nn.Module):
     def from_seed_checkpoint(
         cls, paths: str | os.PathLike | list[str | os.PathLike], config: SeedTokenizerConfig | None = None
     ) -> Self:
-        """A tokenizer holding the official SEED v1 weights (LAVIS .pth state dicts, applied in order).
+        """A tokenizer holding the official SEED v1 weights, in eval mode.
 
-        `config` gives the architecture (default: the full-size v1 one); its `vision.pretrained` should
-        name a BLIP-2 checkpoint, whose EVA ViT-g the official tokenizer files do not contain.
+        `paths`: LAVIS .pth state dicts, applied in order. SEED v1 needs both of its files,
+        `[causal_qformer.pth, seed_tokenizer.pth]`: stage 1's Causal Q-Former (with ln_vision), then stage 2's
+        codebook and heads. `config` gives the architecture (default: the full-size v1 one); its
+        `vision.pretrained` should name a BLIP-2 checkpoint, whose EVA ViT-g the official files do not contain.
         """
-        tokenizer = cls.from_config(config or SeedTokenizerConfig())
+        config = config or SeedTokenizerConfig()
+        tokenizer = cls.from_config(config)
+        paths = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
         state: dict[str, torch.Tensor] = {}
         ignored: list[str] = []
-        for path in [paths] if isinstance(paths, (str, os.PathLike)) else paths:
+        for path in paths:
             if not os.path.isfile(path):
-                raise ConfigError(f"SEED checkpoint {path} does not exist; download seed_tokenizer.pth first")
+                raise ConfigError(f"SEED checkpoint {path} does not exist; download both official v1 files and pass "
+                                  f"them in this order: {_SEED_V1_FILES}")
             checkpoint = torch.load(path, map_location="cpu", weights_only=True)
             for name, tensor in checkpoint.get("model", checkpoint).items():
                 target = seed_checkpoint_key(name)
@@ -173,14 +179,26 @@ class SeedTokenizer(nn.Module):
                     ignored.append(name)
                 else:
                     state[target] = tensor
-        log.info("SEED checkpoint: %d tensors used, %d not (%s...)", len(state), len(ignored), ", ".join(ignored[:5]))
+        source = f"SEED checkpoint {', '.join(map(str, paths))}"
+        vit_pretrained = config.vision.pretrained
+        from_vit_pretrained = [
+            name for name in tokenizer.state_dict()
+            if vit_pretrained is not None and name.startswith("vision.model.") and name not in state
+        ]
+        kept = f"; {len(from_vit_pretrained)} ViT tensors kept from vision.pretrained {vit_pretrained}"
+        log.info(
+            "%s: %d tensors loaded, %d not used (%s...)%s", source, len(state), len(ignored), ", ".join(ignored[:5]),
+            kept if from_vit_pretrained else "",
+        )
         load_into(
             tokenizer,
             state,
-            source=f"SEED checkpoint {paths}",
+            source=source,
             may_be_missing=lambda name: _SEED_OPTIONAL.match(name) is not None,
+            loaded_before=set(from_vit_pretrained).__contains__,
+            hint=f"pass both official v1 files, in this order: {_SEED_V1_FILES}",
         )
-        return tokenizer
+        return tokenizer.eval()
 
     # ---- image -> codes -----------------------------------------------------------------------
     @property

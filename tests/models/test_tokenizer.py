@@ -256,19 +256,35 @@ def test_official_key_names_map_onto_the_module():
         assert seed_checkpoint_key(unused) is None
 
 
+# Stage 1 of the official training saves the Causal Q-Former (+ ln_vision, text branch, ITC) as causal_qformer.pth;
+# stage 2 freezes those, so seed_tokenizer.pth holds only the codebook, task layers and heads.
+_STAGE1_PREFIXES = ("Qformer.", "query_tokens", "ln_vision.", "vision_proj.", "text_proj.", "temp", "itm_head.")
+
+
+def official_v1_files(source: SeedTokenizer, directory) -> tuple[str, str]:
+    """`source`'s weights as the two official SEED v1 files (LAVIS names, `{"model": state}`), without the ViT trunk."""
+    lavis_state = {to_lavis(name): tensor for name, tensor in source.state_dict().items()}
+    lavis_state.update({"temp": torch.tensor(0.07), "itm_head.weight": torch.zeros(2, 32)})
+    stage1 = {name: t for name, t in lavis_state.items() if name.startswith(_STAGE1_PREFIXES)}
+    stage2 = {name: t for name, t in lavis_state.items() if name not in stage1 and not name.startswith("visual_encoder.")}
+    paths = (str(directory / "causal_qformer.pth"), str(directory / "seed_tokenizer.pth"))
+    torch.save({"model": stage1}, paths[0])
+    torch.save({"model": stage2}, paths[1])
+    return paths
+
+
 def test_from_seed_checkpoint_reproduces_the_saved_tokenizer(tmp_path):
     torch.manual_seed(0)
     config = tiny_config()
     source = image_dependent_codes(SeedTokenizer(config)).eval()
-    lavis_state = {to_lavis(name): tensor for name, tensor in source.state_dict().items()}
-    lavis_state.update({"temp": torch.tensor(0.07), "itm_head.weight": torch.zeros(2, 32)})
     for ours in source.state_dict():
         theirs = to_lavis(ours)
         assert seed_checkpoint_key(theirs) == (None if theirs.startswith("visual_encoder.") else ours), theirs
-    torch.save({"model": lavis_state}, tmp_path / "seed_tokenizer.pth")
+    paths = official_v1_files(source, tmp_path)
 
     torch.manual_seed(1)
-    loaded = SeedTokenizer.from_seed_checkpoint(tmp_path / "seed_tokenizer.pth", config).eval()
+    loaded = SeedTokenizer.from_seed_checkpoint(list(paths), config)
+    assert not any(module.training for module in loaded.modules()), "returned in eval mode"
     image_embeds = torch.randn(2, 17, 32)
     codes = torch.randint(0, 64, (2, 8))
     with torch.no_grad():
@@ -277,10 +293,45 @@ def test_from_seed_checkpoint_reproduces_the_saved_tokenizer(tmp_path):
         torch.testing.assert_close(loaded.recon_head(loaded.embed_codes(codes)), source.recon_head(source.embed_codes(codes)))
     torch.testing.assert_close(loaded.vision.ln_vision.weight, source.vision.ln_vision.weight)
 
+    lavis_state = torch.load(paths[1])["model"]
     del lavis_state["quantize.embedding.weight"]
     torch.save(lavis_state, tmp_path / "incomplete.pth")
     with pytest.raises(ConfigError, match="lacks required tensors.*quantizer.embedding.weight"):
-        SeedTokenizer.from_seed_checkpoint(str(tmp_path / "incomplete.pth"), config)
+        SeedTokenizer.from_seed_checkpoint([paths[0], str(tmp_path / "incomplete.pth")], config)
+
+
+def test_from_seed_checkpoint_asks_for_both_official_files(tmp_path):
+    torch.manual_seed(0)
+    config = tiny_config()
+    paths = official_v1_files(SeedTokenizer(config), tmp_path)
+    with pytest.raises(ConfigError, match=r"lacks required tensors \(.*qformer\.query_tokens.*causal_qformer.pth \(stage 1\) and "
+                                          r"seed_tokenizer.pth \(stage 2\)") as error:
+        SeedTokenizer.from_seed_checkpoint(paths[1], config)
+    assert "\n" not in str(error.value)
+    with pytest.raises(ConfigError, match=r"nope.pth does not exist; download both official v1 files .*"
+                                          r"causal_qformer.pth \(stage 1\) and seed_tokenizer.pth \(stage 2\)"):
+        SeedTokenizer.from_seed_checkpoint([str(tmp_path / "nope.pth"), paths[1]], config)
+
+
+def test_from_seed_checkpoint_logs_the_vit_from_vision_pretrained_as_loaded(tmp_path, caplog):
+    torch.manual_seed(0)
+    Blip2ForImageTextRetrieval(tiny_blip2_config()).save_pretrained(tmp_path / "blip2")
+    config = tiny_config(VisionEncoderConfig(pretrained=str(tmp_path / "blip2")))
+    source = image_dependent_codes(SeedTokenizer.from_config(config)).eval()
+    stage1, stage2 = official_v1_files(source, tmp_path)
+    state = torch.load(stage1)
+    del state["model"]["Qformer.bert.embeddings.word_embeddings.weight"]  # an optional tensor, truly left at its init
+    torch.save(state, stage1)
+
+    caplog.set_level(logging.INFO)
+    loaded = SeedTokenizer.from_seed_checkpoint([stage1, stage2], config)
+    num_vit = sum(name.startswith("vision.model.") and "post_layernorm" not in name for name in source.state_dict())
+    messages = [record.getMessage() for record in caplog.records]
+    assert any(f"{num_vit} ViT tensors kept from vision.pretrained {tmp_path / 'blip2'}" in m for m in messages), messages
+    left = [m for m in messages if "left at their init" in m]
+    assert len(left) == 1 and left[0].endswith("1 tensors not in it, left at their init: qformer.embeddings.word_embeddings.weight")
+    pixels = torch.randn(3, 3, 32, 32)
+    assert torch.equal(loaded.encode(pixels), source.encode(pixels)), "the whole image -> codes path is the source's"
 
 
 def test_bad_dims_are_config_errors():
