@@ -53,11 +53,11 @@ $(TOKENIZER)/model.safetensors: | $(MODELS)/.complete
 	$(MAKE) train-tokenizer
 
 # Redone when the tokenizer changes (--replace-stale drops tokens of the old one); resumes when interrupted.
-$(TOKENS)/.complete: $(TOKENIZER)/model.safetensors $(MLLM_CONFIG)
+$(TOKENS)/.complete: $(TOKENIZER)/model.safetensors
 	$(SEED) extract-tokens --tokenizer $(TOKENIZER) --shards '$(DATA)/shards/train-*.tar' --out $(TOKENS) \
-	  --prefix train --config $(MLLM_CONFIG) --replace-stale
+	  --prefix train --replace-stale
 	$(SEED) extract-tokens --tokenizer $(TOKENIZER) --shards '$(DATA)/shards/val-*.tar' --out $(TOKENS) \
-	  --prefix val --config $(MLLM_CONFIG) --replace-stale
+	  --prefix val --replace-stale
 	@touch $@
 
 extract-tokens: data $(TOKENS)/.complete  ## encode every image once into token shards (trains the tokenizer if missing)

@@ -36,12 +36,26 @@ USAGE = """usage: seed-lightning COMMAND ...
 
 commands:
   tokenizer {fit,validate} ...   train / evaluate the SEED tokenizer (LightningCLI)
-  extract-tokens ...             encode image shards once into token shards (32 codes per image)
+  extract-tokens ...             encode image shards once into token shards (the tokenizer's codes per image)
   mllm {fit,validate} ...        train / evaluate the multimodal LM on token shards (LightningCLI)
   caption IMAGE                  describe an image with a trained multimodal LM
   vqa IMAGE "QUESTION"           answer a question about an image
   generate "CAPTION" -o OUT.png  draw an image for a caption (LM codes -> tokenizer -> Stable Diffusion)
 """
+
+
+def link_data_to_model(parser, model_class: type) -> None:
+    """What the data must share with the model is set once, on the model: an MLLM's token shards hold
+    `model.model.tokens_per_image` codes per image (its tokenizer's queries), so `data.codes_per_image` follows it."""
+    from seed_lightning.training.mllm_module import MLLMModule
+
+    if issubclass(model_class, MLLMModule):
+        parser.link_arguments(
+            "model",
+            "data.codes_per_image",
+            compute_fn=lambda module: module.mllm.config.tokens_per_image,
+            apply_on="instantiate",
+        )
 
 
 def _run_lightning_cli(model_class, argv: list[str]) -> None:
@@ -78,6 +92,9 @@ def _run_lightning_cli(model_class, argv: list[str]) -> None:
             if ckpt_path not in (None, "last"):
                 # Lightning reads an explicit file's hyperparameters right after parsing, before any hook.
                 checked_ckpt_path(ckpt_path)
+
+        def add_arguments_to_parser(self, parser) -> None:
+            link_data_to_model(parser, self.model_class)
 
         def before_instantiate_classes(self) -> None:
             # Before the Trainer exists: Lightning would otherwise fail (or silently change

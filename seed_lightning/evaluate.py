@@ -60,6 +60,7 @@ def evaluate(
     import jsonargparse
     from lightning.pytorch.cli import LightningCLI
 
+    from seed_lightning.cli import link_data_to_model
     from seed_lightning.preflight import format_cli_error
 
     if datamodule_class is None:
@@ -68,6 +69,9 @@ def evaluate(
     jsonargparse.set_parsing_settings(docstring_parse_attribute_docstrings=True)
 
     class EvaluationCLI(LightningCLI):
+        def add_arguments_to_parser(self, parser) -> None:
+            link_data_to_model(parser, self.model_class)
+
         def parse_arguments(self, parser, args):
             try:
                 super().parse_arguments(parser, args)

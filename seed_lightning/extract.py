@@ -3,7 +3,9 @@
     seed-lightning extract-tokens --tokenizer checkpoints/tokenizer-tiny/seed_tokenizer \
         --shards 'data/synthetic/shards/train-{000000..000003}.tar' --out data/synthetic/tokens --prefix train
 
-Images go through the tokenizer's eval transform (bicubic resize, its mean/std), batched, under no_grad.
+Images go through the tokenizer's own preprocessing (the official inference input), batched, under no_grad.
+Everything about the codes (how many per image, codebook size) comes from the saved tokenizer itself; the MLLM
+checks them against its config when it trains.
 Output: `{prefix}-{index:06d}.tar` with KEY.codes (int16), KEY.txt (the caption as stored) and KEY.json (the
 image's metadata, e.g. image_id and all reference captions), written resumably by
 `seed_lightning.data.tokens.extract_tokens`: rerunning after an interruption continues where it stopped.
@@ -128,25 +130,19 @@ def extract_split(
     batch_size: int = 64,
     maxcount: int = 10000,
     device: str | torch.device | None = None,
-    num_visual_codes: int | None = None,
     progress: bool = True,
     tokenizer: SeedTokenizer | None = None,
     replace_stale: bool = False,
 ) -> ExtractionSummary:
     """Tokenize every image of `shards` with the SeedTokenizer saved in `tokenizer_dir` into token shards.
 
-    `num_visual_codes` (the MLLM config's) must equal the tokenizer's codebook size when given. A loaded
-    `tokenizer` may be passed to skip reloading it (it must be the one saved in `tokenizer_dir`). Tokens of
-    this prefix made by another tokenizer are an error, or are deleted and redone with `replace_stale`.
+    A loaded `tokenizer` may be passed to skip reloading it (it must be the one saved in `tokenizer_dir`).
+    Tokens of this prefix made by another tokenizer are an error, or are deleted and redone with `replace_stale`.
     """
     info = rank_info()
     if device is None:
         device = f"cuda:{info.local_rank}" if torch.cuda.is_available() else "cpu"
-    tokenizer = tokenizer or SeedTokenizer.load(tokenizer_dir)
-    if num_visual_codes is not None and tokenizer.config.num_codes != num_visual_codes:
-        raise ConfigError(f"the tokenizer in {tokenizer_dir} has {tokenizer.config.num_codes} codes but the MLLM "
-                          f"config expects num_visual_codes={num_visual_codes}; make them equal")
-    tokenizer = tokenizer.to(device).eval()
+    tokenizer = (tokenizer or SeedTokenizer.load(tokenizer_dir)).to(device)
     out_dir = Path(out_dir)
     if info.world_size > 1:
         prefix = f"{prefix}-rank{info.rank}"
@@ -169,21 +165,6 @@ def extract_split(
     return summary
 
 
-def _num_visual_codes_of(config_path: str) -> int:
-    """`model.model.num_visual_codes` of an MLLM YAML config (the MultimodalLMConfig default when absent)."""
-    import yaml
-
-    from seed_lightning.models.mllm import MultimodalLMConfig
-
-    try:
-        with open(config_path) as stream:
-            config = yaml.safe_load(stream) or {}
-    except OSError as error:
-        raise ConfigError(f"cannot read MLLM config {config_path!r}: {error.strerror}; check --config") from None
-    model = ((config.get("model") or {}).get("model")) or {}
-    return int(model.get("num_visual_codes", MultimodalLMConfig.num_visual_codes))
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="seed-lightning extract-tokens", description=__doc__.split("\n\n")[0])
     parser.add_argument("--tokenizer", required=True, help="folder of a trained SeedTokenizer (SeedTokenizer.save)")
@@ -193,8 +174,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, default=64, help="images encoded per forward pass")
     parser.add_argument("--maxcount", type=int, default=10000, help="samples per output shard")
     parser.add_argument("--device", default=None, help="torch device (default: this rank's GPU, else cpu)")
-    parser.add_argument("--config", default=None,
-                        help="MLLM YAML config whose model.model.num_visual_codes must match the tokenizer")
     parser.add_argument("--replace-stale", action="store_true",
                         help="delete and redo tokens of this prefix that a different tokenizer made")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
@@ -205,10 +184,8 @@ def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     if args.batch_size < 1 or args.maxcount < 1:
         raise ConfigError("--batch-size and --maxcount must be >= 1")
-    num_visual_codes = _num_visual_codes_of(args.config) if args.config else None
     summary = extract_split(args.tokenizer, args.shards, args.out, args.prefix, args.batch_size, args.maxcount,
-                            args.device, num_visual_codes, progress=not args.no_progress,
-                            replace_stale=args.replace_stale)
+                            args.device, progress=not args.no_progress, replace_stale=args.replace_stale)
     print(f"{summary.num_samples} samples in {len(summary.shards)} token shards under {args.out} "
           f"({summary.num_resumed} already done before this run)")
     return 0

@@ -1,5 +1,6 @@
-"""extract-tokens: image shards -> token shards, deterministic, resumable, rank-split, checked against the LM config."""
+"""extract-tokens: image shards -> token shards, deterministic, resumable, rank-split, numbers from the tokenizer."""
 
+import dataclasses
 import io
 import json
 from pathlib import Path
@@ -21,12 +22,16 @@ TINY_BLIP2 = str(Path(__file__).resolve().parents[1] / "data" / "models" / "tiny
 COLORS = [(220, 30, 30), (30, 170, 50), (30, 70, 220), (240, 210, 20), (20, 20, 20)]
 
 
-def save_tokenizer(directory, num_codes: int = 64, seed: int = 0) -> str:
-    """A random SeedTokenizer on the tiny BLIP-2 folder with widened weights, so codes differ between images."""
+def save_tokenizer(directory, num_codes: int = 64, seed: int = 0, num_queries: int | None = None) -> str:
+    """A random SeedTokenizer on the tiny BLIP-2 folder with widened weights, so codes differ between images.
+    `num_queries` (codes per image) other than the folder's gives a random Q-Former of its dims."""
     torch.manual_seed(seed)
+    qformer = CausalQFormerConfig(pretrained=TINY_BLIP2)
+    if num_queries is not None:
+        qformer = dataclasses.replace(qformer.resolved(), pretrained=None, num_queries=num_queries)
     config = SeedTokenizerConfig(
         vision=VisionEncoderConfig(pretrained=TINY_BLIP2),
-        qformer=CausalQFormerConfig(pretrained=TINY_BLIP2),
+        qformer=qformer,
         num_codes=num_codes,
         recon_head=ReconstructionHeadConfig(depth=1, num_heads=4),
         gen_head=GenerationHeadConfig(depth=1, num_heads=4, qformer_layers=2, out_dim=64),
@@ -77,7 +82,7 @@ def read_all(paths):
 
 
 def test_every_image_once_with_its_codes_caption_and_meta(tokenizer_dir, shards, tmp_path):
-    summary = run(tokenizer_dir, shards, tmp_path / "tokens", num_visual_codes=64)
+    summary = run(tokenizer_dir, shards, tmp_path / "tokens")
     samples = read_all(summary.shards)
     assert [s.key for s in samples] == [f"{s:03d}{i:03d}" for s in range(2) for i in range(5)]
     assert [p.name for p in summary.shards] == ["train-000000.tar", "train-000001.tar", "train-000002.tar"]
@@ -133,11 +138,6 @@ def test_unusable_images_are_skipped(tokenizer_dir, tmp_path):
     assert [s.key for s in read_all(summary.shards)] == ["000000", "000001", "000003", "000004"]
 
 
-def test_codebook_size_must_match_the_lm_config(tokenizer_dir, shards, tmp_path):
-    with pytest.raises(ConfigError, match="num_visual_codes=8192"):
-        run(tokenizer_dir, shards, tmp_path / "tokens", num_visual_codes=8192)
-
-
 def test_tokens_of_another_tokenizer_are_not_mixed_in(tokenizer_dir, shards, tmp_path):
     run(tokenizer_dir, shards, tmp_path / "tokens")
     other = save_tokenizer(tmp_path / "other", seed=1)
@@ -149,16 +149,16 @@ def test_tokens_of_another_tokenizer_are_not_mixed_in(tokenizer_dir, shards, tmp
     assert [p.read_bytes() for p in replaced.shards] == [p.read_bytes() for p in fresh.shards]
 
 
-def test_command_line_reads_the_codebook_size_from_the_mllm_config(tokenizer_dir, shards, tmp_path, capsys):
-    config = tmp_path / "mllm.yaml"
-    config.write_text("model:\n  model:\n    num_visual_codes: 128\n")
-    argv = ["extract-tokens", "--tokenizer", tokenizer_dir, "--shards", shards, "--out", str(tmp_path / "t"),
+def test_command_line_takes_the_codes_per_image_from_the_tokenizer(shards, tmp_path, capsys):
+    tokenizer = save_tokenizer(tmp_path / "tokenizer", num_queries=16)
+    argv = ["extract-tokens", "--tokenizer", tokenizer, "--shards", shards, "--out", str(tmp_path / "t"),
             "--no-progress", "--device", "cpu"]
-    assert cli.main([*argv, "--config", str(config)]) == 2
-    assert "128" in capsys.readouterr().err
     assert cli.main(argv) == 0
     assert "10 samples in 1 token shards" in capsys.readouterr().out
-    assert json.loads((tmp_path / "t" / "tokens-tokenizer.json").read_text())["tokenizer"] == tokenizer_dir
+    assert json.loads((tmp_path / "t" / "tokens-tokenizer.json").read_text())["tokenizer"] == tokenizer
+    samples = read_all(sorted((tmp_path / "t").glob("tokens-*.tar")))
+    assert len(samples) == 10 and all(s.codes.shape == (16,) for s in samples)
+    assert "--config" not in extract.build_parser().format_help(), "numbers come from the tokenizer, not an LM config"
 
 
 def test_command_line_error_for_a_missing_tokenizer(shards, tmp_path, capsys):

@@ -230,6 +230,7 @@ class ShardDataModule(LightningDataModule):
         train: list[ShardSource] | str | None = None,
         val: str | None = None,
         kind: Literal["image", "codes"] = "image",
+        codes_per_image: int = 32,
         image_size: int = 224,
         crop_scale: tuple[float, float] = (0.5, 1.0),
         hflip: bool = True,
@@ -248,7 +249,10 @@ class ShardDataModule(LightningDataModule):
             train: Training sources (shard patterns with mixing weights), e.g. [{urls: 'shards/{000000..000099}.tar'}];
                 required for fitting. (A plain string is accepted by the parser only to be refused with that hint.)
             val: Validation shards ('::'-separated brace/glob patterns), read in order; None for no validation.
-            kind: "image" for image-text shards (pixel_values), "codes" for token shards (codes LongTensor[B, 32]).
+            kind: "image" for image-text shards (pixel_values), "codes" for token shards (codes
+                LongTensor[B, codes_per_image]).
+            codes_per_image: Codes per image in token shards (kind "codes"): the tokenizer's number of queries.
+                `seed-lightning mllm` sets it from the module (model.model.tokens_per_image), not from the YAML.
             image_size: Side of the square images fed to the model, in pixels.
             crop_scale: Area fraction range of the training random-resized crop.
             hflip: Randomly flip training images horizontally.
@@ -277,6 +281,7 @@ class ShardDataModule(LightningDataModule):
         if not 0 < crop_scale[0] <= crop_scale[1] <= 1:
             raise ConfigError(f"data.crop_scale must satisfy 0 < min <= max <= 1, got {tuple(crop_scale)}")
         for name, value, low in [
+            ("codes_per_image", codes_per_image, 1),
             ("image_size", image_size, 1),
             ("batch_size", batch_size, 1),
             ("val_batch_size", val_batch_size or batch_size, 1),
@@ -291,6 +296,7 @@ class ShardDataModule(LightningDataModule):
         self.train_sources = train
         self.val = val
         self.kind = kind
+        self.codes_per_image = codes_per_image
         self.image_size = image_size
         self.crop_scale = tuple(crop_scale)
         self.hflip = hflip
@@ -352,7 +358,7 @@ class ShardDataModule(LightningDataModule):
         dataset = ShardTrainDataset(
             self._train_urls,
             [source.weight for source in self.train_sources],
-            make_decoder(self.kind, self._transform(train=True), self.max_words),
+            make_decoder(self.kind, self._transform(train=True), self.max_words, self.codes_per_image),
             self.batch_size,
             self.shuffle_buffer,
             batches_per_epoch,
@@ -367,7 +373,7 @@ class ShardDataModule(LightningDataModule):
             return []
         self.setup("validate")
         rank, world_size = self._rank_and_world_size()
-        decode = make_decoder(self.kind, self._transform(train=False), self.max_words)
+        decode = make_decoder(self.kind, self._transform(train=False), self.max_words, self.codes_per_image)
         dataset = ShardValDataset(self._val_refs, decode, self.val_batch_size, rank, world_size)
         return self._loader(dataset, _ShardLoader)
 

@@ -36,8 +36,6 @@ from seed_lightning.errors import DataError
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 """Image members looked for in a sample, in this order."""
-CODES_PER_IMAGE = 32
-"""A token-shard sample's KEY.codes holds this many little-endian int16 codes."""
 MAX_CONSECUTIVE_SKIPS = 1000
 """A stream that skips this many samples (or draws this many empty shards) in a row stops with a DataError."""
 
@@ -278,9 +276,10 @@ def decode_image_sample(
 
 
 def decode_codes_sample(
-    raw: dict[str, Any], rng: random.Random, max_words: int = 50, codes_per_image: int = CODES_PER_IMAGE
+    raw: dict[str, Any], rng: random.Random, codes_per_image: int, max_words: int = 50
 ) -> dict[str, Any]:
     """Raw token-shard sample -> {"codes": LongTensor[codes_per_image], "caption", "key", "meta"}; `rng` is unused.
+    KEY.codes holds `codes_per_image` little-endian int16 codes (as many as the tokenizer has queries).
 
     Skips: missing_codes, bad_codes (wrong length or negative), missing_caption, empty_caption, bad_json.
     """
@@ -297,11 +296,13 @@ def decode_codes_sample(
     return {"codes": codes, "caption": caption, "key": raw["__key__"], "url": raw.get("__url__", ""), "meta": meta}
 
 
-def make_decoder(kind: Literal["image", "codes"], transform: ImageTransform, max_words: int) -> SampleDecoder:
-    """The decode stage for image shards (with `transform`) or token shards."""
+def make_decoder(
+    kind: Literal["image", "codes"], transform: ImageTransform, max_words: int, codes_per_image: int
+) -> SampleDecoder:
+    """The decode stage for image shards (with `transform`) or token shards (of `codes_per_image` codes)."""
     if kind == "image":
         return partial(decode_image_sample, transform=transform, max_words=max_words)
-    return partial(decode_codes_sample, max_words=max_words)
+    return partial(decode_codes_sample, codes_per_image=codes_per_image, max_words=max_words)
 
 
 def collate_samples(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:

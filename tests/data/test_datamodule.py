@@ -29,12 +29,13 @@ def jpeg_bytes(shade: int) -> bytes:
     return buffer.getvalue()
 
 
-def write_shard(path, keys, codes: bool = False) -> None:
+def write_shard(path, keys, codes: bool = False, codes_per_image: int = 32) -> None:
     with TarWriter(str(path), mtime=0) as writer:
         for number, key in enumerate(keys):
             sample = {"__key__": key, "txt": f"Sample {key}.", "json": {"number": number}}
             if codes:
-                sample["codes"] = struct.pack("<32h", *[(number * 7 + i) % 8192 for i in range(32)])
+                values = [(number * 7 + i) % 8192 for i in range(codes_per_image)]
+                sample["codes"] = struct.pack(f"<{codes_per_image}h", *values)
             else:
                 sample["jpg"] = jpeg_bytes(number * 30 % 256)
             writer.write(sample)
@@ -106,9 +107,19 @@ def test_codes_kind_batches(shards):
     assert module.val_dataloader() == []
 
 
+def test_codes_kind_reads_the_configured_codes_per_image(shards):
+    write_shard(shards / "tok16.tar", [f"t{i}" for i in range(6)], codes=True, codes_per_image=16)
+    module = make_module(shards, kind="codes", codes_per_image=16, train=[ShardSource(f"{shards}/tok16.tar")],
+                         val=f"{shards}/tok16.tar")
+    batches = consume(module)
+    assert len(batches) == 5 and module.skipped == {}, "every sample is used, none skipped as bad codes"
+    val = [batch["codes"] for batch in module.val_dataloader()]
+    assert [codes.shape for codes in val] == [(4, 16), (2, 16)]
+
+
 def test_every_val_sample_once_over_two_ranks_and_workers(shards):
     refs = [ref for url in expand_urls(f"{shards}/val-{{000..001}}.tar") for ref in index_tar(url).samples]
-    decode = make_decoder("image", ImageTransform(image_size=8), 50)
+    decode = make_decoder("image", ImageTransform(image_size=8), 50, 32)
     seen = []
     for rank in range(2):
         dataset = ShardValDataset(refs, decode, batch_size=2, rank=rank, world_size=2)

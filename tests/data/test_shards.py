@@ -177,15 +177,22 @@ def test_unusable_image_samples_raise_skip_with_reason(sample, reason):
 
 def test_decode_codes_sample_reads_32_little_endian_int16():
     codes = [8191, 0, 1, 256] + list(range(100, 128))
-    decoded = decode_codes_sample({"__key__": "k", "codes": struct.pack("<32h", *codes), "txt": b"A cat."}, None)
+    decoded = decode_codes_sample({"__key__": "k", "codes": struct.pack("<32h", *codes), "txt": b"A cat."}, None, 32)
     assert decoded["codes"].dtype == torch.long
     assert decoded["codes"].tolist() == codes
     assert decoded["caption"] == "a cat"
     for bad in [struct.pack("<31h", *range(31)), struct.pack("<32h", *([-1] + [0] * 31))]:
         with pytest.raises(SkipSample, match="bad_codes"):
-            decode_codes_sample({"__key__": "k", "codes": bad, "txt": b"x"}, None)
+            decode_codes_sample({"__key__": "k", "codes": bad, "txt": b"x"}, None, 32)
     with pytest.raises(SkipSample, match="missing_codes"):
-        decode_codes_sample({"__key__": "k", "txt": b"x"}, None)
+        decode_codes_sample({"__key__": "k", "txt": b"x"}, None, 32)
+
+
+def test_decode_codes_sample_reads_as_many_codes_as_it_is_told():
+    raw = {"__key__": "k", "codes": struct.pack("<16h", *range(16)), "txt": b"x"}
+    assert make_decoder("codes", TRANSFORM, 50, codes_per_image=16)(raw, None)["codes"].tolist() == list(range(16))
+    with pytest.raises(SkipSample, match="bad_codes"):
+        make_decoder("codes", TRANSFORM, 50, codes_per_image=32)(raw, None)
 
 
 def test_collate_stacks_tensors_and_lists_the_rest():
@@ -235,7 +242,7 @@ def shards_with_problems(tmp_path) -> list[str]:
 
 def new_stream(urls, state=None, batch_size=3):
     return TrainStream(
-        [urls], [1.0], make_decoder("image", TRANSFORM, 50), batch_size, 6, worker=0, stream_id="test", state=state
+        [urls], [1.0], make_decoder("image", TRANSFORM, 50, 32), batch_size, 6, worker=0, stream_id="test", state=state
     )
 
 

@@ -9,6 +9,7 @@ import json
 import math
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 import yaml
@@ -87,6 +88,43 @@ def test_extract_train_export_and_use(tmp_path, monkeypatch, capsys):
     assert cli.main(["generate", "a red circle", "-o", "out.png", *common, "--sd", str(MODELS / "tiny-sd"),
                      "--steps", "2"]) == 0
     assert Image.open(tmp_path / "out.png").size[0] > 0
+
+
+class RecordBatches(L.Callback):
+    """What the MLLM trained on: the codes shape of every train batch and the data module's skip counts."""
+
+    shapes: list[tuple[int, ...]] = []
+    skipped: dict[str, int] | None = None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        RecordBatches.shapes.append(tuple(batch["codes"].shape))
+
+    def on_train_end(self, trainer, pl_module):
+        RecordBatches.skipped = dict(trainer.datamodule.skipped)
+
+
+@pytest.mark.slow
+def test_a_tokenizer_of_16_queries_extracts_and_trains_on_16_codes_per_image(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    tokenizer = save_tokenizer(tmp_path / "tokenizer", num_codes=NUM_CODES, num_queries=16)
+    shard = str(DATA / "shards" / "val-000000.tar")
+    assert cli.main(["extract-tokens", "--tokenizer", tokenizer, "--shards", shard, "--out", "tokens",
+                     "--prefix", "train", "--no-progress", "--device", "cpu"]) == 0
+
+    config = {
+        "trainer": {"accelerator": "cpu", "devices": 1, "max_steps": 2, "logger": False, "enable_checkpointing": False,
+                    "enable_progress_bar": False, "callbacks": [{"class_path": f"{__name__}.RecordBatches"}]},
+        "model": {"tokenizer": tokenizer, "max_length": 64,
+                  "model": {"pretrained": str(MODELS / "tiny-opt"), "num_visual_codes": NUM_CODES,
+                            "tokens_per_image": 16, "lora": None}},
+        "data": {"train": [{"urls": "tokens/train-*.tar"}], "kind": "codes", "batch_size": 4, "num_workers": 0,
+                 "samples_per_epoch": 8},
+    }
+    (tmp_path / "mllm.yaml").write_text(yaml.safe_dump(config))
+    RecordBatches.shapes, RecordBatches.skipped = [], None
+    assert cli.main(["mllm", "fit", "-c", "mllm.yaml"]) == 0
+    assert RecordBatches.shapes == [(4, 16), (4, 16)]
+    assert RecordBatches.skipped == {}, "no sample skipped as bad codes"
 
 
 @pytest.fixture(scope="module")
