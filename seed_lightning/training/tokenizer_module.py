@@ -118,7 +118,7 @@ class TokenizerModule(L.LightningModule):
         if not path.exists():
             raise ConfigError(f"model.init_from: {init_from} does not exist; point it at the stage-1 last.ckpt")
         if path.is_dir():
-            return SeedTokenizer.load(path)
+            return SeedTokenizer.load(path).train()  # loaded in eval mode; fit keeps modes, and the heads train
         tokenizer = SeedTokenizer.from_config(config)
         state = torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
         own = {k.removeprefix("tokenizer."): v for k, v in state.items() if k.startswith("tokenizer.")}

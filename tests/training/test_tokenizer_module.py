@@ -113,6 +113,13 @@ def test_codebook_stage_freezes_the_encoders_and_trains_codebook_and_heads(defau
     assert tok.quantizer.embedding.weight.grad.abs().sum() > 0
 
 
+def test_a_saved_tokenizer_as_init_from_trains_with_dropout_on(default_world, tmp_path):
+    make_module(default_world).tokenizer.save(tmp_path / "stage1")
+    tok = make_module(default_world, stage="codebook", init_from=str(tmp_path / "stage1")).tokenizer
+    assert tok.gen_head.training and tok.recon_head.training, "Lightning's fit does not call train() itself"
+    assert not tok.qformer.training and not tok.vision.model.training  # frozen in stage 2
+
+
 def test_codebook_stage_caches_causal_embeddings(default_world, tmp_path):
     module = make_module(default_world, stage="codebook", cache_dir=str(tmp_path / "cache"))
     fit = trainer(tmp_path, max_epochs=2, limit_val_batches=0)
