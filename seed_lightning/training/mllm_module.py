@@ -20,7 +20,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import lightning as L
 import torch
 import torch.nn.functional as F
 
@@ -32,7 +31,7 @@ from seed_lightning.errors import ConfigError
 from seed_lightning.models.mllm import MultimodalLM, MultimodalLMConfig
 from seed_lightning.models.tokenizer import SeedTokenizer
 from seed_lightning.training.frozen import FrozenDtype, resolve_frozen_dtype
-from seed_lightning.training.optim import OptimConfig, build_optimizer, build_scheduler
+from seed_lightning.training.optim import AdamWModule, OptimConfig
 from seed_lightning.training.rng import restore_rng_states, save_rng_states
 
 log = logging.getLogger(__name__)
@@ -86,7 +85,7 @@ def token_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return F.pad(shifted, (1, 0))
 
 
-class MLLMModule(L.LightningModule):
+class MLLMModule(AdamWModule):
     def __init__(
         self,
         model: MultimodalLMConfig | None = None,
@@ -312,11 +311,6 @@ class MLLMModule(L.LightningModule):
         self.log("val/caption_loss", caption_loss, prog_bar=True, batch_size=batch_size, sync_dist=True)
         self.log("val/image_loss", generation.image_loss, batch_size=batch_size, sync_dist=True)
         self.log("val/loss", loss, batch_size=batch_size, sync_dist=True)
-
-    def configure_optimizers(self):
-        optimizer = build_optimizer(self, self.optim_config)
-        total = max(1, int(self.trainer.estimated_stepping_batches))
-        return {"optimizer": optimizer, "lr_scheduler": build_scheduler(optimizer, self.optim_config, total)}
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # The frozen image tokenizer is reloaded from `tokenizer`; do not copy it into every checkpoint.

@@ -12,7 +12,6 @@ import logging
 from pathlib import Path
 from typing import Literal
 
-import lightning as L
 import torch
 from transformers import AutoTokenizer
 
@@ -26,7 +25,7 @@ from seed_lightning.models.sd_text_encoder import SDTextEncoder
 from seed_lightning.models.tokenizer import SeedTokenizer, SeedTokenizerConfig
 from seed_lightning.training.frozen import FrozenDtype, resolve_frozen_dtype
 from seed_lightning.training.losses import contrastive_loss, cosine_reconstruction_loss
-from seed_lightning.training.optim import OptimConfig, build_optimizer, build_scheduler
+from seed_lightning.training.optim import AdamWModule, OptimConfig
 from seed_lightning.training.rng import restore_rng_states, save_rng_states
 
 log = logging.getLogger(__name__)
@@ -34,7 +33,7 @@ log = logging.getLogger(__name__)
 Stage = Literal["contrastive", "codebook"]
 
 
-class TokenizerModule(L.LightningModule):
+class TokenizerModule(AdamWModule):
     def __init__(
         self,
         model: SeedTokenizerConfig,
@@ -346,11 +345,6 @@ class TokenizerModule(L.LightningModule):
         image_features = torch.stack([r["image"] for r in rows]).float()
         similarity = image_features @ torch.cat(text_features).t()
         return retrieval_recall(similarity, torch.tensor(owners))
-
-    def configure_optimizers(self):
-        optimizer = build_optimizer(self, self.optim_config)
-        total = max(1, int(self.trainer.estimated_stepping_batches))
-        return {"optimizer": optimizer, "lr_scheduler": build_scheduler(optimizer, self.optim_config, total)}
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         save_rng_states(checkpoint)
