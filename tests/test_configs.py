@@ -70,3 +70,11 @@ def test_config_files_named_in_comments_exist():
     for path in CONF.rglob("*.yaml"):
         for named in re.findall(r"conf/[\w./-]+\.yaml", path.read_text()):
             assert (CONF.parent / named).is_file(), f"{path.relative_to(CONF.parent)} names {named}"
+
+
+def test_every_config_keeping_a_last_checkpoint_saves_it_at_the_end_of_fit():
+    for path in CONF.rglob("*.yaml"):
+        callbacks = ((yaml.safe_load(path.read_text()) or {}).get("trainer") or {}).get("callbacks") or []
+        for callback in callbacks:
+            if callback["class_path"].endswith("ModelCheckpoint") and callback["init_args"].get("save_last"):
+                assert callback["class_path"] == "seed_lightning.callbacks.checkpoint.ModelCheckpoint", path
