@@ -1,4 +1,5 @@
 import math
+from types import SimpleNamespace
 
 import lightning as L
 import pytest
@@ -6,7 +7,14 @@ import torch
 from torch import nn
 
 from seed_lightning.errors import ConfigError
-from seed_lightning.training.optim import OptimConfig, build_optimizer, build_scheduler, learning_rate, parameter_groups
+from seed_lightning.training.optim import (
+    AdamWModule,
+    OptimConfig,
+    build_optimizer,
+    build_scheduler,
+    learning_rate,
+    parameter_groups,
+)
 
 
 class Tiny(nn.Module):
@@ -143,3 +151,18 @@ def test_fused_adamw_under_fp16_with_a_grad_scaler_steps_like_the_unfused_one(de
     assert max(norms[False].before_clipping) > 1.5, "the test needs gradients that clipping changes"
     for unfused, fused in zip(weights[False], weights[True], strict=True):
         torch.testing.assert_close(fused, unfused, rtol=1e-4, atol=1e-6)
+
+
+def test_norm_clipping_under_fsdp_goes_through_the_fsdp_root_module():
+    # Lightning's FSDPPrecision refuses norm clipping (each rank holds part of the norm); the FSDP root module
+    # computes it over all shards. Lightning builds FSDP only on GPUs: the trainer is a stand-in with what the
+    # hook reads.
+    from lightning.pytorch.plugins.precision import FSDPPrecision
+
+    clipped = []
+    module = AdamWModule()
+    fsdp_root = SimpleNamespace(clip_grad_norm_=clipped.append)
+    module._trainer = SimpleNamespace(precision_plugin=FSDPPrecision("bf16-mixed"), gradient_clip_val=1.0,
+                                      gradient_clip_algorithm=None, model=fsdp_root)
+    module.configure_gradient_clipping(torch.optim.AdamW(nn.Linear(2, 2).parameters()), 1.0, None)
+    assert clipped == [1.0]
