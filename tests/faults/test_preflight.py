@@ -257,7 +257,6 @@ def cli_exit(args, capsys) -> tuple[int, str]:
 
 
 @pytest.mark.slow
-@pytest.mark.filterwarnings("ignore:.*args parameter")
 def test_without_java_the_mllm_run_stops_in_one_line_before_the_model_is_built(mllm_run, no_java, capsys):
     code, error = cli_exit(mllm_run(), capsys)
     assert code == 2 and "\n" not in error
@@ -268,7 +267,6 @@ def test_without_java_the_mllm_run_stops_in_one_line_before_the_model_is_built(m
         cli_exit(mllm_run(callbacks={"CaptionMetricsCallback": {"score": False}}), capsys)
 
 
-@pytest.mark.filterwarnings("ignore:.*args parameter")
 @pytest.mark.parametrize(("change", "expected"), [
     ({"callbacks": {"VQAAccuracyCallback": {"questions": "data/vqav2/missing_questions.json"}}},
      "VQAAccuracyCallback: file data/vqav2/missing_questions.json does not exist; download VQAv2"),
