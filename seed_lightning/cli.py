@@ -63,7 +63,7 @@ def _run_lightning_cli(model_class, argv: list[str]) -> None:
     from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
     from seed_lightning.data.datamodule import ShardDataModule
-    from seed_lightning.preflight import format_cli_error, run_preflight
+    from seed_lightning.preflight import format_cli_error, preflight_config
     from seed_lightning.training.checkpointing import checked_ckpt_path, checkpoint_dir, resolve_resume_path
 
     # Dataclass field docstrings become --help text.
@@ -97,12 +97,9 @@ def _run_lightning_cli(model_class, argv: list[str]) -> None:
             link_data_to_model(parser, self.model_class)
 
         def before_instantiate_classes(self) -> None:
-            # Before the Trainer exists: Lightning would otherwise fail (or silently change
-            # precision) with its own multi-line messages.
-            trainer = self.config[self.subcommand].trainer
-            run_preflight(
-                trainer.default_root_dir or os.getcwd(), trainer.accelerator, trainer.devices, trainer.precision
-            )
+            # Before the Trainer and the model exist: a missing file or tool fails in seconds, not after
+            # minutes of model loading, and Lightning's own multi-line messages never show.
+            preflight_config(self.config[self.subcommand], self.model_class, self.datamodule_class, self.subcommand)
 
         def before_fit(self) -> None:
             ckpt_path = self.config_init["fit"].get("ckpt_path")

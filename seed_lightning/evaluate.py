@@ -61,7 +61,7 @@ def evaluate(
     from lightning.pytorch.cli import LightningCLI
 
     from seed_lightning.cli import link_data_to_model
-    from seed_lightning.preflight import format_cli_error
+    from seed_lightning.preflight import format_cli_error, preflight_config
 
     if datamodule_class is None:
         from seed_lightning.data.datamodule import ShardDataModule as datamodule_class
@@ -77,6 +77,9 @@ def evaluate(
                 super().parse_arguments(parser, args)
             except ArgumentError as exc:
                 raise ConfigError(format_cli_error(exc, parser)) from None
+
+        def before_instantiate_classes(self) -> None:
+            preflight_config(self.config, self.model_class, self.datamodule_class, "validate")
 
     args = [argument for config in configs for argument in ("--config", config)] + list(overrides)
     cli = EvaluationCLI(

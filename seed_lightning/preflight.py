@@ -2,8 +2,12 @@
 
 `run_preflight` checks the output directory (creatable, writable, enough free space), that a CUDA
 accelerator is only requested where CUDA exists, and that the precision suits the device.
-`format_cli_error` turns a jsonargparse/LightningCLI parse error into one line that suggests the
-closest valid key. Nothing here imports Lightning, so it is cheap to run first.
+`check_requirements` lets every class of a run (the LightningModule, the data module, each callback)
+check what it needs from its init args (files, folders, hub models, Java) before any of them is built:
+a class declares ``check_requirements(cls, init_args: dict, stage: str)`` as a classmethod, using
+`check_pretrained` / `check_files` or its own checks. `preflight_config` runs all of it on a parsed
+LightningCLI config. `format_cli_error` turns a jsonargparse/LightningCLI parse error into one line that
+suggests the closest valid key. Nothing here imports Lightning, so it is cheap to run first.
 """
 
 import difflib
@@ -123,6 +127,93 @@ def run_preflight(
     check_free_disk(output_dir, min_free_gib)
     check_accelerator(accelerator, devices)
     check_precision(precision, accelerator)
+
+
+def is_hub_id(source: str) -> bool:
+    """True for a Hugging Face hub id ("owner/name") that is not an existing local path."""
+    return not source.startswith(("/", ".", "~")) and source.count("/") == 1 and not os.path.exists(source)
+
+
+def check_pretrained(
+    source: str | None, option: str, marker: str = "config.json",
+    how: str = "point it at a local folder or a Hugging Face hub id (owner/name)",
+) -> None:
+    """`source` is a local folder holding `marker`, or a hub id whose `marker` is in the local Hugging Face
+    cache or on the hub (reachable now). None passes (nothing to load)."""
+    if source is None:
+        return
+    if not is_hub_id(source):
+        check_folder(source, option, marker, how=how)
+        return
+    from huggingface_hub import constants, file_exists, try_to_load_from_cache
+
+    if isinstance(try_to_load_from_cache(source, marker), str):
+        return
+    if constants.HF_HUB_OFFLINE:
+        raise ConfigError(
+            f"{option}: {source} is neither a local folder nor in the Hugging Face cache ({constants.HF_HUB_CACHE}),"
+            f" and HF_HUB_OFFLINE=1 forbids downloading it; run `huggingface-cli download {source}` where there is"
+            " internet (same HF_HOME), or point it at a local folder"
+        )
+    try:
+        found = file_exists(source, marker)
+    except Exception as error:  # connection, timeout, gated or private repo: all mean "cannot get it now"
+        raise ConfigError(
+            f"{option}: {source} is not in the Hugging Face cache and the hub cannot provide it"
+            f" ({type(error).__name__}); go online (or `huggingface-cli login` for a gated repo), or point it at a"
+            " local folder"
+        ) from None
+    if not found:
+        raise ConfigError(f"{option}: the hub has no {source} (with {marker}); check the id, or {how}")
+
+
+def check_folder(path: str, option: str, *markers: str, how: str) -> None:
+    """`path` is an existing folder holding every file named in `markers`."""
+    folder = Path(path).expanduser()
+    if not folder.is_dir():
+        raise ConfigError(f"{option}: folder {path} does not exist; {how}")
+    for marker in markers:
+        if not (folder / marker).is_file():
+            raise ConfigError(f"{option}: {path} has no {marker}; {how}")
+
+
+def check_files(option: str, *paths: str | None, how: str = "check the path") -> None:
+    """Each path that is not None is an existing file."""
+    for path in paths:
+        if path is not None and not Path(path).expanduser().is_file():
+            raise ConfigError(f"{option}: file {path} does not exist; {how}")
+
+
+def _class_from_path(class_path: str) -> type:
+    module_name, _, class_name = class_path.rpartition(".")
+    return getattr(importlib.import_module(module_name), class_name)
+
+
+def check_requirements(classes_and_args: list[tuple[type | str, dict[str, Any]]], stage: str) -> None:
+    """Calls ``cls.check_requirements(init_args, stage)`` of every (class or class path, init args) that has one;
+    the first failing requirement raises its one-line ConfigError/DataError."""
+    for cls, init_args in classes_and_args:
+        cls = _class_from_path(cls) if isinstance(cls, str) else cls
+        check = getattr(cls, "check_requirements", None)
+        if check is not None:
+            check(init_args, stage)
+
+
+def _plain(value: Any) -> Any:
+    return value.as_dict() if hasattr(value, "as_dict") else value
+
+
+def preflight_config(config: Any, model_class: type, datamodule_class: type, stage: str) -> None:
+    """Every start-up check of a LightningCLI run on its parsed `config` (one subcommand's), before any class is
+    instantiated: `run_preflight` on the trainer settings, then `check_requirements` of the model, the data
+    module and every configured callback."""
+    trainer = config.trainer
+    run_preflight(trainer.default_root_dir or os.getcwd(), trainer.accelerator, trainer.devices, trainer.precision)
+    callbacks = trainer.callbacks or []
+    callbacks = callbacks if isinstance(callbacks, list) else [callbacks]
+    parts = [(model_class, _plain(config.model)), (datamodule_class, _plain(config.data))]
+    parts += [(callback.class_path, _plain(callback.init_args) or {}) for callback in callbacks]
+    check_requirements(parts, stage)
 
 
 def parser_keys(parser: Any) -> list[str]:

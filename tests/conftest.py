@@ -18,3 +18,16 @@ def default_world() -> SimpleNamespace:
         generate(data)
     build_all(data / "corpus.txt", models)  # skips what is already built
     return SimpleNamespace(repo=REPO, data=data, models=models, shards=data / "shards")
+
+
+@pytest.fixture
+def no_java(tmp_path, monkeypatch):
+    """A PATH without `java` (the answer is cached per process: cleared around the test)."""
+    from seed_lightning.metrics import captions
+
+    empty = tmp_path / "bin-without-java"
+    empty.mkdir()
+    monkeypatch.setenv("PATH", str(empty))
+    captions._java_problem.cache_clear()
+    yield
+    captions._java_problem.cache_clear()

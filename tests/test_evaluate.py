@@ -113,6 +113,25 @@ def test_user_errors_are_one_line_config_errors(run, tmp_path):
         evaluate(MLLMStandIn, [str(bad)], str(checkpoint), datamodule_class=CodesDataModule)
 
 
+def test_without_java_the_evaluation_stops_before_the_model_is_built_unless_scoring_is_off(run, tmp_path, no_java):
+    checkpoint, config = run
+    built = []
+
+    class CountedStandIn(MLLMStandIn):
+        def __init__(self, start: float = 0.0):
+            built.append(start)
+            super().__init__(start)
+
+    with pytest.raises(ConfigError, match="need Java.*`score: false`"):
+        evaluate(CountedStandIn, [str(config)], str(checkpoint), datamodule_class=CodesDataModule)
+    assert built == []
+    no_scores = tmp_path / "no-scores.yaml"
+    no_scores.write_text(config.read_text().replace("max_new_tokens: 5", "max_new_tokens: 5\n        score: false"))
+    metrics = evaluate(CountedStandIn, [str(no_scores)], str(checkpoint), datamodule_class=CodesDataModule)
+    assert "val/CIDEr" not in metrics and metrics["val/offset"] == pytest.approx(2.5)
+    assert json.loads((tmp_path / "eval" / "captions_epoch0.json").read_text())[0]["caption"] == CAPTIONS[0]
+
+
 def test_main_reports_errors_in_one_line(tmp_path, capsys):
     assert main(["tokenizer", "--ckpt", str(tmp_path / "missing.ckpt"), "--config", "x.yaml"]) == 2
     assert "error: checkpoint" in capsys.readouterr().err

@@ -27,7 +27,8 @@ class CaptionMetricsCallback(IndexedValidationCallback):
 
     Logs val/CIDEr (CIDEr-D), val/BLEU_1..4, val/ROUGE_L (+ val/METEOR) as pycocoevalcap's fractions
     (papers print x100), writes ``captions_epoch{N}.json`` (COCO results format) into the run folder and
-    a few sample captions as TensorBoard text.
+    a few sample captions as TensorBoard text. With ``score=False`` (machines without Java) captions are
+    still generated, written and shown; only the scores are skipped.
     """
 
     def __init__(
@@ -38,6 +39,7 @@ class CaptionMetricsCallback(IndexedValidationCallback):
         every_n_epochs: int = 1,
         max_images: int | None = None,
         num_logged_samples: int = 8,
+        score: bool = True,
     ) -> None:
         """
         Args:
@@ -47,6 +49,8 @@ class CaptionMetricsCallback(IndexedValidationCallback):
             every_n_epochs: Evaluate after every n-th training epoch (trainer.validate always evaluates).
             max_images: Caption only the first this many val images (None: all).
             num_logged_samples: Predicted captions (with a reference) shown as TensorBoard text.
+            score: Score the captions with pycocoevalcap (needs Java); false still generates, writes and
+                shows them.
         """
         super().__init__(every_n_epochs)
         check_positive(num_beams=num_beams, max_new_tokens=max_new_tokens, max_images=max_images)
@@ -55,9 +59,16 @@ class CaptionMetricsCallback(IndexedValidationCallback):
         self.meteor = meteor
         self.max_images = max_images
         self.num_logged_samples = num_logged_samples
+        self.scoring = score
+
+    @classmethod
+    def check_requirements(cls, init_args: dict[str, Any], stage: str) -> None:
+        """Java, unless `score` is off (see `seed_lightning.preflight`)."""
+        if init_args["score"]:
+            check_java(f"set `score: false` in the init_args of {cls.__name__} to write captions without scores")
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        check_java()  # before training starts, not at the first validation
+        self.check_requirements({"score": self.scoring}, stage)  # before training starts, not at the first validation
         require_attribute(pl_module, "mllm", type(self).__name__)
 
     def collect(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: dict) -> dict[int, dict[str, Any]]:
@@ -90,12 +101,15 @@ class CaptionMetricsCallback(IndexedValidationCallback):
         publish(trainer, pl_module, metrics, prog_bar=("val/CIDEr", "val/BLEU_4"))
 
     def score(self, rows, results_path: Path) -> dict[str, float]:
-        """Score merged rows ({image_id, caption, references}); an image met twice keeps its first caption."""
+        """Write merged rows ({image_id, caption, references}) to `results_path` and score them (no scores when
+        `score` is off); an image met twice keeps its first caption."""
         predictions: dict[Any, str] = {}
         references: dict[Any, list[str]] = {}
         for row in rows:
             predictions.setdefault(row["image_id"], row["caption"])
             references.setdefault(row["image_id"], row["references"])
-        scores = score_captions(predictions, references, meteor=self.meteor)
         write_coco_results(results_path, predictions)
+        if not self.scoring:
+            return {}
+        scores = score_captions(predictions, references, meteor=self.meteor)
         return {f"val/{CAPTION_METRIC_NAMES[name]}": value for name, value in scores.items()}

@@ -31,6 +31,7 @@ from seed_lightning.callbacks.image_grid import image_grid, to_chw_tensor
 from seed_lightning.errors import ConfigError
 from seed_lightning.metrics.clip_score import CLIPScorer, clip_score, image_image_similarity
 from seed_lightning.models.image_decoder import ImageDecoder
+from seed_lightning.preflight import check_pretrained
 
 
 def denormalize(pixel_values: torch.Tensor, mean, std) -> list[Image.Image]:
@@ -86,6 +87,14 @@ class CLIPScoreCallback(IndexedValidationCallback):
         self.grid_images = grid_images
         self.scorer: CLIPScorer | None = None
         self.decoder: ImageDecoder | None = None
+
+    @classmethod
+    def check_requirements(cls, init_args: dict[str, Any], stage: str) -> None:
+        """The CLIP model and Stable Diffusion exist as folders, in the Hugging Face cache or on the hub (see
+        `seed_lightning.preflight`)."""
+        check_pretrained(init_args["clip_model"], f"{cls.__name__} clip_model")
+        check_pretrained(init_args["sd_path"], f"{cls.__name__} sd_path",
+                         marker="model_index.json")
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if hasattr(pl_module, "mllm"):

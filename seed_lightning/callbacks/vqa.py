@@ -17,6 +17,7 @@ from seed_lightning.data.coco import read_vqa
 from seed_lightning.errors import DataError
 from seed_lightning.metrics.captions import write_json_atomic
 from seed_lightning.metrics.vqa import majority_answer_baseline, vqa_accuracy, write_vqa_results
+from seed_lightning.preflight import check_files
 
 
 def _metric_suffix(answer_type: str) -> str:
@@ -62,6 +63,12 @@ class VQAAccuracyCallback(IndexedValidationCallback):
         self._questions_by_image: dict[Any, list[tuple[int, str]]] | None = None
         self._annotations: dict[int, dict[str, Any]] = {}
         self._train_annotations: list[dict[str, Any]] | None = None
+
+    @classmethod
+    def check_requirements(cls, init_args: dict[str, Any], stage: str) -> None:
+        """The VQAv2 files exist (see `seed_lightning.preflight`)."""
+        check_files(cls.__name__, init_args["questions"], init_args["annotations"], init_args["train_annotations"],
+                    how="download VQAv2 (https://visualqa.org/download.html) or fix the path in its init_args")
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         require_attribute(pl_module, "mllm", type(self).__name__)

@@ -318,6 +318,21 @@ class ShardDataModule(LightningDataModule):
         """Training samples skipped so far on this rank, by reason, summed over workers (exact across resumes)."""
         return self._book.skipped()
 
+    @classmethod
+    def check_requirements(cls, init_args: dict[str, Any], stage: str) -> None:
+        """The shards that `stage` reads exist (see `seed_lightning.preflight`)."""
+        if isinstance(init_args["train"], str):
+            raise ConfigError(_not_a_source_list(init_args["train"]))
+        patterns = [("data.train", source["urls"]) for source in init_args["train"] or []] if stage == "fit" else []
+        if init_args["val"] is not None:
+            patterns.append(("data.val", init_args["val"]))
+        made_by = "; token shards are made by seed-lightning extract-tokens" if init_args["kind"] == "codes" else ""
+        for option, pattern in patterns:
+            try:
+                expand_urls(pattern)
+            except DataError as error:
+                raise DataError(f"{option}: {error}{made_by}") from None
+
     def setup(self, stage: str) -> None:
         """Expand and check the shard patterns and index the val shards: DataError on missing files or on a
         validation set without a usable sample; damaged val shards are warned about, one line per kind."""

@@ -55,11 +55,13 @@ def _java_problem() -> str | None:
     return None
 
 
-def check_java() -> None:
-    """Raise ConfigError when Java (needed by the PTB tokenizer and METEOR) is missing or broken."""
+def check_java(alternative: str | None = None) -> None:
+    """Raise ConfigError when Java (needed by the PTB tokenizer and METEOR) is missing or broken; `alternative`
+    completes the message's "install Java, or ..."."""
     problem = _java_problem()
     if problem is not None:
-        raise ConfigError(f"caption metrics need Java but {problem}: {JAVA_INSTALL_HINT}")
+        otherwise = f", or {alternative}" if alternative else ""
+        raise ConfigError(f"caption metrics need Java but {problem}: {JAVA_INSTALL_HINT}{otherwise}")
 
 
 def _validate(predictions: Mapping[Hashable, str], references: Mapping[Hashable, Sequence[str]]) -> None:

@@ -20,7 +20,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import lightning as L
 import torch
 import torch.nn.functional as F
 
@@ -30,9 +29,11 @@ from seed_lightning.data.packing import IGNORE_INDEX, PackedBatch, build_sample,
 from seed_lightning.data.text import clean_caption
 from seed_lightning.errors import ConfigError
 from seed_lightning.models.mllm import MultimodalLM, MultimodalLMConfig
-from seed_lightning.models.tokenizer import SeedTokenizer
+from seed_lightning.models.pretrained import WEIGHTS_FILE
+from seed_lightning.models.tokenizer import CONFIG_FILE, SeedTokenizer
+from seed_lightning.preflight import check_files, check_folder, check_pretrained
 from seed_lightning.training.frozen import FrozenDtype, resolve_frozen_dtype
-from seed_lightning.training.optim import OptimConfig, build_optimizer, build_scheduler
+from seed_lightning.training.optim import AdamWModule, OptimConfig
 from seed_lightning.training.rng import restore_rng_states, save_rng_states
 
 log = logging.getLogger(__name__)
@@ -86,7 +87,7 @@ def token_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return F.pad(shifted, (1, 0))
 
 
-class MLLMModule(L.LightningModule):
+class MLLMModule(AdamWModule):
     def __init__(
         self,
         model: MultimodalLMConfig | None = None,
@@ -145,6 +146,21 @@ class MLLMModule(L.LightningModule):
         self._prepared = False
 
     # ---- construction -------------------------------------------------------------------------
+    @classmethod
+    def check_requirements(cls, init_args: dict, stage: str) -> None:
+        """The tokenizer folder, the LM and the VQA training files exist (see `seed_lightning.preflight`)."""
+        if init_args["tokenizer"] is not None:
+            check_folder(init_args["tokenizer"], "model.tokenizer", CONFIG_FILE, WEIGHTS_FILE,
+                         how="train the tokenizer first (stage 2 saves it in its model.export_dir) or point "
+                             "model.tokenizer at a SeedTokenizer folder")
+        model = as_config(init_args["model"], MultimodalLMConfig, "model.model")
+        check_pretrained(model.pretrained, "model.model.pretrained")
+        check_pretrained(model.tokenizer, "model.model.tokenizer", marker="tokenizer_config.json")
+        vqa_train = init_args["vqa_train"]
+        if vqa_train is not None:
+            check_files("model.vqa_train", vqa_train["questions"] or None, vqa_train["annotations"] or None,
+                        how="give the VQAv2 questions/annotations JSON of the training images, or vqa_train: null")
+
     @staticmethod
     def _load_seed_tokenizer(directory: str, model: MultimodalLMConfig) -> SeedTokenizer:
         seed_tokenizer = SeedTokenizer.load(directory)
@@ -312,11 +328,6 @@ class MLLMModule(L.LightningModule):
         self.log("val/caption_loss", caption_loss, prog_bar=True, batch_size=batch_size, sync_dist=True)
         self.log("val/image_loss", generation.image_loss, batch_size=batch_size, sync_dist=True)
         self.log("val/loss", loss, batch_size=batch_size, sync_dist=True)
-
-    def configure_optimizers(self):
-        optimizer = build_optimizer(self, self.optim_config)
-        total = max(1, int(self.trainer.estimated_stepping_batches))
-        return {"optimizer": optimizer, "lr_scheduler": build_scheduler(optimizer, self.optim_config, total)}
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # The frozen image tokenizer is reloaded from `tokenizer`; do not copy it into every checkpoint.

@@ -1,9 +1,13 @@
-"""Optimiser parameter groups and the warm-up + cosine learning-rate schedule used by every stage."""
+"""Optimiser parameter groups, the warm-up + cosine learning-rate schedule used by every stage, and
+`AdamWModule`, the LightningModule base that wires them (and gradient clipping) into Lightning."""
 
 import math
 from dataclasses import dataclass
 
+import lightning as L
 import torch
+from lightning.pytorch.plugins.precision import FSDPPrecision, MixedPrecision, Precision
+from lightning.pytorch.utilities import GradClipAlgorithmType
 from torch import nn
 
 from seed_lightning.errors import ConfigError
@@ -86,3 +90,37 @@ def build_scheduler(optimizer: torch.optim.Optimizer, config: OptimConfig, total
         optimizer, lambda step: learning_rate(step, total_steps, config) / config.lr
     )
     return {"scheduler": scheduler, "interval": "step", "frequency": 1}
+
+
+class AdamWModule(L.LightningModule):
+    """Base of the SEED LightningModules: AdamW + warm-up/cosine from `self.optim_config` (set it in
+    `__init__`), and `Trainer(gradient_clip_val=...)` clipping that also works with the fused AdamW and FSDP."""
+
+    optim_config: OptimConfig
+
+    def configure_optimizers(self):
+        optimizer = build_optimizer(self, self.optim_config)
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        return {"optimizer": optimizer, "lr_scheduler": build_scheduler(optimizer, self.optim_config, total)}
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        precision = self.trainer.precision_plugin
+        algorithm = GradClipAlgorithmType(gradient_clip_algorithm or GradClipAlgorithmType.NORM)
+        # Lightning refuses two cases that the paper configs meet: an optimiser that would unscale fp16
+        # gradients in its step (fused AdamW) under AMP, and norm clipping under FSDP (a rank's shards hold
+        # part of the norm).
+        fused_amp = getattr(optimizer, "_step_supports_amp_scaling", False) and isinstance(
+            precision, (MixedPrecision, FSDPPrecision))
+        fsdp_norm = isinstance(precision, FSDPPrecision) and algorithm == GradClipAlgorithmType.NORM
+        if not (gradient_clip_val and (fused_amp or fsdp_norm)):
+            super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+            return
+        # Under bf16 there is no scaler and the gradients are the true ones. Under fp16 they are unscaled
+        # here, before clipping; GradScaler.step then tells the fused step that they already are (and still
+        # skips steps whose gradients overflowed).
+        if fused_amp and precision.scaler is not None:
+            precision.scaler.unscale_(optimizer)
+        if fsdp_norm:
+            self.trainer.model.clip_grad_norm_(gradient_clip_val)  # the FSDP root: the norm over all shards
+        else:
+            Precision.clip_gradients(precision, optimizer, gradient_clip_val, algorithm)

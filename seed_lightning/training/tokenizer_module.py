@@ -12,7 +12,6 @@ import logging
 from pathlib import Path
 from typing import Literal
 
-import lightning as L
 import torch
 from transformers import AutoTokenizer
 
@@ -24,9 +23,10 @@ from seed_lightning.metrics.retrieval import retrieval_recall
 from seed_lightning.models.fp8 import convert_linears_to_fp8, require_fp8_support
 from seed_lightning.models.sd_text_encoder import SDTextEncoder
 from seed_lightning.models.tokenizer import SeedTokenizer, SeedTokenizerConfig
+from seed_lightning.preflight import check_pretrained
 from seed_lightning.training.frozen import FrozenDtype, resolve_frozen_dtype
 from seed_lightning.training.losses import contrastive_loss, cosine_reconstruction_loss
-from seed_lightning.training.optim import OptimConfig, build_optimizer, build_scheduler
+from seed_lightning.training.optim import AdamWModule, OptimConfig
 from seed_lightning.training.rng import restore_rng_states, save_rng_states
 
 log = logging.getLogger(__name__)
@@ -34,7 +34,14 @@ log = logging.getLogger(__name__)
 Stage = Literal["contrastive", "codebook"]
 
 
-class TokenizerModule(L.LightningModule):
+def _check_init_from(init_from: str | None) -> None:
+    if init_from is not None and not Path(init_from).exists():
+        raise ConfigError(
+            f"model.init_from: {init_from} does not exist; run stage 1 first or point it at its last.ckpt"
+        )
+
+
+class TokenizerModule(AdamWModule):
     def __init__(
         self,
         model: SeedTokenizerConfig,
@@ -109,14 +116,26 @@ class TokenizerModule(L.LightningModule):
         self._codebook_needs_init = False
 
     # ---- construction -------------------------------------------------------------------------
+    @classmethod
+    def check_requirements(cls, init_args: dict, stage: str) -> None:
+        """The pretrained parts, the text tokenizer, stage 2's start and its generation target exist (see
+        `seed_lightning.preflight`)."""
+        model = as_config(init_args["model"], SeedTokenizerConfig, "model.model")
+        check_pretrained(model.vision.pretrained, "model.model.vision.pretrained")
+        check_pretrained(model.qformer.pretrained, "model.model.qformer.pretrained")
+        check_pretrained(init_args["text_tokenizer"], "model.text_tokenizer", marker="tokenizer_config.json")
+        _check_init_from(init_args["init_from"])
+        if init_args["stage"] == "codebook" and init_args["gen_weight"] > 0:
+            check_pretrained(init_args["generation_target"], "model.generation_target",
+                             marker="text_encoder/config.json")
+
     def _build_tokenizer(self, config: SeedTokenizerConfig, init_from: str | None) -> SeedTokenizer:
         if init_from is None:
             if self.stage == "codebook":
                 log.warning("stage 'codebook' without init_from: the Q-Former is untrained")
             return SeedTokenizer.from_config(config)
+        _check_init_from(init_from)
         path = Path(init_from)
-        if not path.exists():
-            raise ConfigError(f"model.init_from: {init_from} does not exist; point it at the stage-1 last.ckpt")
         if path.is_dir():
             return SeedTokenizer.load(path).train()  # loaded in eval mode; fit keeps modes, and the heads train
         tokenizer = SeedTokenizer.from_config(config)
@@ -346,11 +365,6 @@ class TokenizerModule(L.LightningModule):
         image_features = torch.stack([r["image"] for r in rows]).float()
         similarity = image_features @ torch.cat(text_features).t()
         return retrieval_recall(similarity, torch.tensor(owners))
-
-    def configure_optimizers(self):
-        optimizer = build_optimizer(self, self.optim_config)
-        total = max(1, int(self.trainer.estimated_stepping_batches))
-        return {"optimizer": optimizer, "lr_scheduler": build_scheduler(optimizer, self.optim_config, total)}
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         save_rng_states(checkpoint)

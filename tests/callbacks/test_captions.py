@@ -8,6 +8,7 @@ import torch
 from torch.utils.data import DataLoader
 from lightning.pytorch.loggers import TensorBoardLogger
 
+from seed_lightning.callbacks import captions as captions_callback
 from seed_lightning.callbacks import validation as validation_callbacks
 from seed_lightning.callbacks.captions import CaptionMetricsCallback
 from seed_lightning.errors import ConfigError
@@ -107,9 +108,23 @@ def test_missing_java_fails_before_any_captioning(tmp_path, monkeypatch):
     monkeypatch.setattr(caption_metrics, "_java_problem", lambda: "`java` is not on PATH")
     module = CaptioningModule()
     trainer = make_trainer(tmp_path, callbacks=[CaptionMetricsCallback()])
-    with pytest.raises(ConfigError, match="need Java"):
+    with pytest.raises(ConfigError, match="need Java.*apt-get install.*`score: false`"):
         trainer.validate(module, dataloaders=loader(make_batch([0])), verbose=False)
     assert module.mllm.calls == []
+
+
+def test_without_scoring_captions_are_generated_written_and_shown_without_java(tmp_path, monkeypatch):
+    monkeypatch.setattr(caption_metrics, "_java_problem", lambda: "`java` is not on PATH")
+    shown = []
+    monkeypatch.setattr(captions_callback, "add_to_tensorboard", lambda trainer, *args: shown.append(args))
+    module = CaptioningModule()
+    trainer = make_trainer(tmp_path, callbacks=[CaptionMetricsCallback(score=False)])
+    results = trainer.validate(module, dataloaders=loader(make_batch([0, 1]), make_batch([2])), verbose=False)[0]
+    assert not [name for name in results if name.startswith("val/")]
+    written = json.loads((tmp_path / "run" / "captions_epoch0.json").read_text())
+    assert written == [{"image_id": 100 + i, "caption": IMAGES[i][0]} for i in range(3)]
+    ((kind, tag, table),) = shown
+    assert (kind, tag) == ("text", "val/captions") and IMAGES[2][0] in table
 
 
 def test_module_without_mllm_is_a_config_error(tmp_path):

@@ -5,6 +5,7 @@ from dataclasses import dataclass
 
 import pytest
 import torch
+import yaml
 from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import LightningCLI
 
@@ -15,6 +16,7 @@ from seed_lightning.preflight import (
     check_free_disk,
     check_output_dir,
     check_precision,
+    check_pretrained,
     format_cli_error,
     run_preflight,
 )
@@ -148,3 +150,135 @@ def test_misspelt_cli_keys_get_the_closest_valid_key(tmp_path):
     )
     assert "no_such_option" in cli_error(["fit", "--zzz.no_such_option", "1"])
     assert "Expected a <class 'int'>" in cli_error(["fit", "--model.hidden_size", "abc"])
+
+
+# ---- requirements of the run's classes, checked before any of them is built ------------------------------
+
+@pytest.fixture
+def hub_cache(tmp_path, monkeypatch):
+    """An empty Hugging Face cache, online; `cache(repo, *files)` puts files of a repo into it."""
+    from huggingface_hub import constants
+
+    root = tmp_path / "hf-cache"
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(root))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+
+    def cache(repo: str, *files: str) -> None:
+        repo_dir = root / f"models--{repo.replace('/', '--')}"
+        (repo_dir / "refs").mkdir(parents=True)
+        (repo_dir / "refs" / "main").write_text("0" * 40)
+        for name in files:
+            (repo_dir / "snapshots" / ("0" * 40) / name).parent.mkdir(parents=True, exist_ok=True)
+            (repo_dir / "snapshots" / ("0" * 40) / name).write_text("{}")
+
+    return cache
+
+
+def test_pretrained_folders_need_their_marker_file(tmp_path):
+    one_line_error("model.x: folder .*missing does not exist", check_pretrained, str(tmp_path / "missing"), "model.x")
+    one_line_error("has no model_index.json", check_pretrained, str(tmp_path), "sd", marker="model_index.json")
+    (tmp_path / "model_index.json").write_text("{}")
+    check_pretrained(str(tmp_path), "sd", marker="model_index.json")
+    check_pretrained(None, "model.x")
+
+
+def test_hub_ids_pass_when_cached_or_on_a_reachable_hub(hub_cache, monkeypatch):
+    import huggingface_hub
+
+    asked = []
+    monkeypatch.setattr(huggingface_hub, "file_exists", lambda repo, name: asked.append(repo) or repo == "on/hub")
+    hub_cache("cached/clip", "config.json")
+    check_pretrained("cached/clip", "clip_model")
+    check_pretrained("on/hub", "clip_model")
+    assert asked == ["on/hub"]  # the cache answers without the network
+    one_line_error("the hub has no no/such", check_pretrained, "no/such", "clip_model")
+
+    def unreachable(repo, name):
+        raise ConnectionError("no route to host")
+
+    monkeypatch.setattr(huggingface_hub, "file_exists", unreachable)
+    one_line_error("hub cannot provide it .*ConnectionError.*go online", check_pretrained, "not/cached", "clip_model")
+
+
+def test_offline_hub_ids_must_be_cached(hub_cache, monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    hub_cache("cached/sd", "model_index.json")
+    check_pretrained("cached/sd", "sd_path", marker="model_index.json")
+    message = one_line_error("HF_HUB_OFFLINE=1", check_pretrained, "openai/clip-vit-large-patch14", "clip_model")
+    assert "not in the Hugging Face cache" in message or "nor in the Hugging Face cache" in message
+    assert "huggingface-cli download openai/clip-vit-large-patch14" in message
+
+
+class ModelBuilt(Exception):
+    """Raised where MLLMModule would build the language model: the run got past every start-up check."""
+
+
+@pytest.fixture
+def mllm_run(default_world, tmp_path, monkeypatch):
+    """`write(**changes)` writes conf/mllm/tiny.yaml with local tokenizer, shards and output folders (plus the
+    changes: callback init_args by class name, model keys) and returns `seed-lightning mllm fit` arguments.
+    Building the LM raises ModelBuilt."""
+    from seed_lightning.training import mllm_module
+    from tests.training.test_mllm_module import NUM_CODES, tiny_tokenizer_dir, token_shard
+
+    def build(*args, **kwargs):
+        raise ModelBuilt
+
+    monkeypatch.setattr(mllm_module, "MultimodalLM", build)
+    monkeypatch.chdir(default_world.repo)  # the config's data/ paths
+    shard = token_shard(tmp_path / "tokens")
+    tokenizer = tiny_tokenizer_dir(tmp_path / "tokenizer")
+
+    def write(callbacks: dict | None = None, **model) -> list[str]:
+        config = yaml.safe_load((default_world.repo / "conf" / "mllm" / "tiny.yaml").read_text())
+        config["trainer"].update(default_root_dir=str(tmp_path / "run"), logger=False)
+        kept = [c for c in config["trainer"]["callbacks"] if "ModelCheckpoint" not in c["class_path"]]
+        for callback in kept:
+            name = callback["class_path"].rpartition(".")[2]
+            callback.setdefault("init_args", {}).update((callbacks or {}).get(name, {}))
+        config["trainer"]["callbacks"] = kept
+        config["model"].update({"tokenizer": tokenizer, **model})
+        config["model"]["model"]["num_visual_codes"] = NUM_CODES
+        config["data"].update(train=[{"urls": shard}], val=shard)
+        path = tmp_path / "run.yaml"
+        path.write_text(yaml.safe_dump(config))
+        return ["mllm", "fit", "--config", str(path)]
+
+    return write
+
+
+def cli_exit(args, capsys) -> tuple[int, str]:
+    from seed_lightning.cli import main
+
+    code = main(args)
+    return code, capsys.readouterr().err.strip()
+
+
+@pytest.mark.slow
+def test_without_java_the_mllm_run_stops_in_one_line_before_the_model_is_built(mllm_run, no_java, capsys):
+    code, error = cli_exit(mllm_run(), capsys)
+    assert code == 2 and "\n" not in error
+    assert "caption metrics need Java but `java` is not on PATH" in error
+    assert "apt-get install" in error and "`score: false`" in error and "CaptionMetricsCallback" in error
+    # The documented switch: the run goes on to build the model.
+    with pytest.raises(ModelBuilt):
+        cli_exit(mllm_run(callbacks={"CaptionMetricsCallback": {"score": False}}), capsys)
+
+
+@pytest.mark.parametrize(("change", "expected"), [
+    ({"callbacks": {"VQAAccuracyCallback": {"questions": "data/vqav2/missing_questions.json"}}},
+     "VQAAccuracyCallback: file data/vqav2/missing_questions.json does not exist; download VQAv2"),
+    ({"vqa_train": {"questions": "data/synthetic/vqa/questions_train.json", "annotations": "nowhere.json"}},
+     "model.vqa_train: file nowhere.json does not exist"),
+    ({"callbacks": {"CLIPScoreCallback": {"clip_model": "data/models/no-clip-here"}}},
+     "CLIPScoreCallback clip_model: folder data/models/no-clip-here does not exist"),
+    ({"tokenizer": "checkpoints/no-tokenizer/seed_tokenizer"},
+     "model.tokenizer: folder checkpoints/no-tokenizer/seed_tokenizer does not exist; train the tokenizer first"),
+])
+def test_each_missing_requirement_stops_the_run_in_one_line_before_the_model_is_built(mllm_run, capsys, change,
+                                                                                      expected):
+    code, error = cli_exit(mllm_run(**change), capsys)
+    assert code == 2 and "\n" not in error
+    assert expected in error

@@ -63,6 +63,25 @@ def token_batch(num_images: int = 4, seed: int = 0, image_ids: list[int] | None 
     }
 
 
+def token_shard(directory, num_images: int = 24) -> str:
+    """A train token shard of random codes and the CAPTIONS; returns its path."""
+    from seed_lightning.data.tokens import TokenShardWriter
+
+    generator = torch.Generator().manual_seed(0)
+    with TokenShardWriter(directory, prefix="train", maxcount=100) as writer:
+        for i in range(num_images):
+            writer.write(f"{i:06d}", torch.randint(0, NUM_CODES, (32,), generator=generator), CAPTIONS[i % 4])
+    return str(directory / "train-000000.tar")
+
+
+def token_data(shard: str, batch_size: int, samples_per_epoch: int):
+    """A ShardDataModule over one token shard, no workers."""
+    from seed_lightning.data.datamodule import ShardDataModule, ShardSource
+
+    return ShardDataModule(train=[ShardSource(urls=shard)], kind="codes", batch_size=batch_size, num_workers=0,
+                           samples_per_epoch=samples_per_epoch, shuffle_buffer=8)
+
+
 @pytest.fixture(scope="module")
 def tokenizer_dir(tmp_path_factory):
     return tiny_tokenizer_dir(tmp_path_factory.mktemp("seed-tokenizer"))
@@ -201,13 +220,7 @@ def test_checkpoints_leave_out_the_frozen_image_tokenizer(tokenizer_dir):
 
 @pytest.mark.slow
 def test_interrupted_and_resumed_fit_reproduces_the_uninterrupted_losses(tmp_path):
-    from seed_lightning.data.datamodule import ShardDataModule, ShardSource
-    from seed_lightning.data.tokens import TokenShardWriter
-
-    generator = torch.Generator().manual_seed(0)
-    with TokenShardWriter(tmp_path / "tokens", prefix="train", maxcount=100) as writer:
-        for i in range(24):
-            writer.write(f"{i:06d}", torch.randint(0, NUM_CODES, (32,), generator=generator), CAPTIONS[i % 4])
+    shard = token_shard(tmp_path / "tokens")
 
     def run(root, crash_at=None, ckpt_path=None):
         L.seed_everything(0)
@@ -217,8 +230,7 @@ def test_interrupted_and_resumed_fit_reproduces_the_uninterrupted_losses(tmp_pat
             callbacks=resume_callbacks(root, crash_at),
         )
         # 3 batches an epoch: the crash is mid-epoch
-        data = ShardDataModule(train=[ShardSource(urls=str(tmp_path / "tokens" / "train-000000.tar"))], kind="codes",
-                               batch_size=4, num_workers=0, samples_per_epoch=12, shuffle_buffer=8)
+        data = token_data(shard, batch_size=4, samples_per_epoch=12)
         module = make_module(max_length=128)
         return fit_recording(trainer, lambda t: t.fit(module, datamodule=data, ckpt_path=ckpt_path))
 
