@@ -28,8 +28,15 @@ fi
 if ! command -v java >/dev/null; then
   deb=$(compgen -G ".jre/*jre*.deb" | head -n 1)
   if [[ -n $deb ]]; then
-    mkdir -p /tmp/rehearsal-jre && dpkg -x "$deb" /tmp/rehearsal-jre
-    java=$(find /tmp/rehearsal-jre -type f -name java -path '*/bin/*' | head -n 1)
+    jre=/tmp/rehearsal-jre
+    mkdir -p $jre && dpkg -x "$deb" $jre
+    # The package links its config files to absolute /etc/java-17-openjdk/... paths that only an install
+    # creates: point them at the unpacked copies.
+    find $jre -type l | while read -r link; do
+      target=$(readlink "$link")
+      if [[ $target == /* && -e $jre$target ]]; then ln -sfn "$jre$target" "$link"; fi
+    done
+    java=$(find $jre -type f -name java -path '*/bin/*' | head -n 1)
     if [[ -n $java ]]; then
       export PATH=$(dirname "$java"):$PATH
       echo "rehearsal: java from $deb ($(java -version 2>&1 | head -n 1))"
