@@ -115,7 +115,8 @@ class Stage:
     needs: list[tuple[Path, str]] = field(default_factory=list)
     """(input path relative to the work dir, the stage that makes it)."""
     cleans: list[str] = field(default_factory=list)
-    """Outputs of an earlier rehearsal removed before the stage runs (relative to the work dir)."""
+    """Its outputs (relative to the work dir), removed before the rehearsal starts when the stage is to run, so
+    that no later stage reads what an earlier rehearsal left."""
     overlay: dict | None = None
     finish: Callable[[StageResult], None] | None = None
     """Fills throughput and notes after the stage ran."""
@@ -239,6 +240,7 @@ def plan(settings: Settings, notes: dict[str, list[str]]) -> list[Stage]:
         "stage2": training_overlay(settings, sizes.stage2_batch, train_urls),
         "mllm": mllm_overlay(settings, mllm, tokenizer, notes.setdefault("mllm", [])),
     }
+    notes["evaluate"] = notes["mllm"]  # the same overlay
     # Two stage-2 epochs within the steps, so that the second reads the embedding cache the first wrote.
     overlays["stage2"]["data"]["samples_per_epoch"] = settings.steps // 2 * world * sizes.stage2_batch
     overlays["evaluate"] = overlays["mllm"]
@@ -287,6 +289,14 @@ def plan(settings: Settings, notes: dict[str, list[str]]) -> list[Stage]:
         if result.wall_s:
             result.throughput = f"{sizes.num_val / result.wall_s:.2f} val img/s incl. start-up"
 
+    def generate_finish(result: StageResult) -> None:
+        image = work / "generated.png"
+        if image.is_file():
+            from PIL import Image
+
+            with Image.open(image) as opened:
+                result.notes.append(f"{opened.width}x{opened.height} image")
+
     stages = [
         Stage("hub-cache", "hub cache (random weights)", [[py, "-m", "bench.rehearsal.hub_cache", "--cache",
               str(settings.cache), "--scale", settings.scale]]),
@@ -317,7 +327,8 @@ def plan(settings: Settings, notes: dict[str, list[str]]) -> list[Stage]:
         Stage("generate", "text-to-image (SD pipeline)",
               [cli(settings, "generate", GENERATE_CAPTION, "-o", "generated.png", "--mllm", str(mllm_export / "merged"),
                    "--tokenizer", tokenizer, "--sd", SD)],
-              needs=[(mllm_export / "merged", "mllm"), (Path(tokenizer), "stage2")], cleans=["generated.png"]),
+              needs=[(mllm_export / "merged", "mllm"), (Path(tokenizer), "stage2")], cleans=["generated.png"],
+              finish=generate_finish),
     ]
     return [stage for stage in stages if stage.name in settings.stages]
 
@@ -342,9 +353,6 @@ def run_stage(stage: Stage, settings: Settings, env: dict[str, str]) -> StageRes
     if missing:
         result.error = "needs " + ", ".join(f"{path} (from {maker})" for path, maker in missing)
         return result
-    for path in stage.cleans:
-        target = settings.work / path
-        shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
     log_path.parent.mkdir(parents=True, exist_ok=True)
     sampler = MemorySampler(use_gpu=settings.on_gpu)
     started = time.perf_counter()
@@ -379,6 +387,13 @@ def run_stage(stage: Stage, settings: Settings, env: dict[str, str]) -> StageRes
         except Exception as error:  # a measurement problem must not lose the stage's result
             result.notes.append(f"measurement failed: {type(error).__name__}: {error}")
     return result
+
+
+def remove_outputs(stages: list[Stage], work: Path) -> None:
+    for stage in stages:
+        for path in stage.cleans:
+            target = work / path
+            shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
 
 
 def host_description(settings: Settings) -> str:
@@ -466,6 +481,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"rehearsal: {header['host']}, scale {settings.scale}, {settings.accelerator} x {settings.devices}, "
           f"work dir {settings.work}", flush=True)
     env = stage_env(settings)
+    remove_outputs(stages, settings.work)
     results = []
     for stage in stages:
         print(f"[{datetime.datetime.now():%H:%M:%S}] {stage.name}: {stage.title}", flush=True)

@@ -72,3 +72,14 @@ def test_a_hanging_stage_is_killed_with_its_children(tmp_path):
     assert result.status == "timeout" and result.wall_s < 10
     child = int((tmp_path / "child").read_text())
     assert not Path(f"/proc/{child}").exists() or "Z" in Path(f"/proc/{child}/stat").read_text().split()[2]
+
+
+def test_outputs_of_the_stages_to_run_are_removed_before_any_runs(tmp_path):
+    """A stage whose maker fails must not find what an earlier rehearsal left (it is skipped instead)."""
+    (tmp_path / "checkpoints" / "export").mkdir(parents=True)
+    (tmp_path / "kept").mkdir()
+    stages = [Stage("make", "make", [["false"]], cleans=["checkpoints/export"]),
+              Stage("use", "use", [["true"]], needs=[(Path("checkpoints/export"), "make")])]
+    run.remove_outputs(stages, tmp_path)
+    results = [run.run_stage(stage, settings(tmp_path, "cpu"), env={}) for stage in stages]
+    assert [r.status for r in results] == ["failed", "skipped"] and (tmp_path / "kept").is_dir()
