@@ -22,6 +22,7 @@ stage that fails does not stop the others; a stage whose inputs are missing is r
 import argparse
 import copy
 import datetime
+import json
 import os
 import platform
 import shlex
@@ -37,6 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
+from PIL import Image
 
 from bench.rehearsal import data as rehearsal_data
 from bench.rehearsal.hub_cache import SD
@@ -253,11 +255,11 @@ def plan(settings: Settings, notes: dict[str, list[str]]) -> list[Stage]:
         return launcher + ["-m", "seed_lightning.cli", "extract-tokens", "--tokenizer", tokenizer, "--shards", shards,
                            "--out", out_prefix[0], "--prefix", out_prefix[1], "--no-progress"]
 
-    def fit_rate(log_dir: Path, batch: int, unit: str = "img/s") -> Callable[[StageResult], None]:
+    def fit_rate(log_dir: Path, batch: int) -> Callable[[StageResult], None]:
         def finish(result: StageResult) -> None:
             rate = steady_rate(scalar_events(work / log_dir, "train/loss"), batch * world)
             if rate is not None:
-                result.throughput = f"{rate[0]:.1f} {unit} ({world} x {batch}/step, {rate[1]} steps)"
+                result.throughput = f"{rate[0]:.1f} img/s ({world} x {batch}/step, {rate[1]} steps)"
         return finish
 
     def mllm_finish(result: StageResult) -> None:
@@ -280,8 +282,6 @@ def plan(settings: Settings, notes: dict[str, list[str]]) -> list[Stage]:
     def evaluate_finish(result: StageResult) -> None:
         results = work / mllm_ckpt_dir / "results.json"
         if results.is_file():
-            import json
-
             metrics = json.loads(results.read_text())["metrics"]
             shown = [f"{k.removeprefix('val/')} {v:.3g}" for k, v in metrics.items()
                      if k in ("val/CIDEr", "val/vqa_acc", "val/clip_score", "val/caption_loss")]
@@ -292,8 +292,6 @@ def plan(settings: Settings, notes: dict[str, list[str]]) -> list[Stage]:
     def generate_finish(result: StageResult) -> None:
         image = work / "generated.png"
         if image.is_file():
-            from PIL import Image
-
             with Image.open(image) as opened:
                 result.notes.append(f"{opened.width}x{opened.height} image")
 
@@ -323,7 +321,8 @@ def plan(settings: Settings, notes: dict[str, list[str]]) -> list[Stage]:
         Stage("evaluate", f"evaluate mllm ({world} devices)",
               [[py, "-m", "seed_lightning.evaluate", "mllm", "--ckpt", str(mllm_ckpt_dir / "last.ckpt"),
                 *config_args(MLLM_CONFIGS, overlay_file["evaluate"], flag="--config")]],
-              needs=[(mllm_ckpt_dir / "last.ckpt", "mllm")], overlay=overlays["evaluate"], finish=evaluate_finish),
+              needs=[(mllm_ckpt_dir / "last.ckpt", "mllm")], cleans=[str(mllm_ckpt_dir / "results.json")],
+              overlay=overlays["evaluate"], finish=evaluate_finish),
         Stage("generate", "text-to-image (SD pipeline)",
               [cli(settings, "generate", GENERATE_CAPTION, "-o", "generated.png", "--mllm", str(mllm_export / "merged"),
                    "--tokenizer", tokenizer, "--sd", SD)],
