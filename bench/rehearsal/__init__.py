@@ -1,0 +1,1 @@
+"""The full-size rehearsal of the paper path (bench/rehearsal.sh)."""
