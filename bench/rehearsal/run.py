@@ -184,20 +184,16 @@ def device_overlay(settings: Settings, overlay: dict) -> dict:
     return overlay
 
 
-def mllm_overlay(settings: Settings, config: dict, tokenizer_export: str, notes: list[str]) -> dict:
+def mllm_overlay(settings: Settings, config: dict, notes: list[str]) -> dict:
     overlay = training_overlay(settings, settings.sizes.mllm_batch)
     callbacks = copy.deepcopy(config["trainer"]["callbacks"])
     clip = next(c for c in callbacks if c["class_path"].endswith(".CLIPScoreCallback"))
     clip["init_args"]["num_images"] = settings.sizes.clip_images
-    if shutil.which("java") is None:
-        callbacks = [c for c in callbacks if not c["class_path"].endswith(".CaptionMetricsCallback")]
-        notes.append("no java on PATH: CaptionMetricsCallback left out (put a JRE .deb in .jre/)")
+    if shutil.which("java") is None:  # the documented switch for machines without Java
+        captions = next(c for c in callbacks if c["class_path"].endswith(".CaptionMetricsCallback"))
+        captions.setdefault("init_args", {})["score"] = False
+        notes.append("no java on PATH: caption metrics not scored (score: false; put a JRE .deb in .jre/)")
     overlay["trainer"]["callbacks"] = callbacks
-    if config["model"].get("tokenizer") != tokenizer_export:
-        # Issue 10 item 3: the MLLM config must read the tokenizer where stage 2 exports it.
-        overlay.setdefault("model", {})["tokenizer"] = tokenizer_export
-        notes.append(f"PRODUCT: conf/mllm/seed_opt2.7b.yaml reads model.tokenizer {config['model'].get('tokenizer')}"
-                     f" but stage 2 exports to {tokenizer_export}: overridden")
     return overlay
 
 
@@ -240,7 +236,7 @@ def plan(settings: Settings, notes: dict[str, list[str]]) -> list[Stage]:
     overlays = {
         "stage1": training_overlay(settings, sizes.stage1_batch, train_urls),
         "stage2": training_overlay(settings, sizes.stage2_batch, train_urls),
-        "mllm": mllm_overlay(settings, mllm, tokenizer, notes.setdefault("mllm", [])),
+        "mllm": mllm_overlay(settings, mllm, notes.setdefault("mllm", [])),
     }
     notes["evaluate"] = notes["mllm"]  # the same overlay
     # Two stage-2 epochs within the steps, so that the second reads the embedding cache the first wrote.

@@ -30,23 +30,12 @@ def test_overlays_change_only_paths_steps_and_batch_sizes(tmp_path, accelerator,
     assert run.callback_changes(mllm_config, overlays["mllm"]) == ["trainer.callbacks[CLIPScoreCallback].num_images: 8"]
 
 
-def test_mllm_overlay_points_the_tokenizer_at_the_stage2_export_only_when_the_config_does_not(tmp_path, monkeypatch):
-    monkeypatch.setattr(run.shutil, "which", lambda name: "/usr/bin/" + name)
-    config = run.load_layered(run.MLLM_CONFIGS)
-    config["model"]["tokenizer"] = "checkpoints/tokenizer-seed-v1/seed_tokenizer"
-    notes = []
-    overlay = run.mllm_overlay(settings(tmp_path), config, "checkpoints/tokenizer-seed-v1/seed_tokenizer", notes)
-    assert "tokenizer" not in overlay.get("model", {}) and notes == []
-    overlay = run.mllm_overlay(settings(tmp_path), config, "elsewhere/seed_tokenizer", notes)
-    assert overlay["model"]["tokenizer"] == "elsewhere/seed_tokenizer" and notes[0].startswith("PRODUCT:")
-
-
-def test_without_java_the_caption_metrics_callback_is_left_out(tmp_path, monkeypatch):
+def test_without_java_caption_metrics_are_switched_off_not_left_out(tmp_path, monkeypatch):
     monkeypatch.setattr(run.shutil, "which", lambda name: None)
     config = run.load_layered(run.MLLM_CONFIGS)
     notes = []
-    overlay = run.mllm_overlay(settings(tmp_path), config, config["model"]["tokenizer"], notes)
-    assert run.callback_changes(config, overlay)[0] == "trainer.callbacks: CaptionMetricsCallback removed"
+    overlay = run.mllm_overlay(settings(tmp_path), config, notes)
+    assert "trainer.callbacks[CaptionMetricsCallback].score: False" in run.callback_changes(config, overlay)
     assert "no java" in notes[0]
 
 
