@@ -93,17 +93,18 @@ class VQAAccuracyCallback(IndexedValidationCallback):
         for row, meta in enumerate(batch["meta"]):
             for question_id, question in self._questions_by_image.get(meta.get("image_id"), []):
                 asked.append((row, question_id, question))
+        if not asked:
+            return {}
         indices = batch["index"].tolist()
-        chunk = len(indices)  # as many prompts per generate call as the val batch has images
+        # One call for the whole batch, so that the LM can group prompts of one length (it never pads them);
+        # at most as many prompts per generate call as the val batch has images.
+        answers = pl_module.mllm.answer(
+            batch["codes"][[row for row, _, _ in asked]], [question for _, _, question in asked],
+            max_new_tokens=self.max_new_tokens, num_beams=self.num_beams, batch_size=len(indices),
+        )
         outputs: dict[int, dict[int, str]] = {}
-        for start in range(0, len(asked), chunk):
-            part = asked[start : start + chunk]
-            answers = pl_module.mllm.answer(
-                batch["codes"][[row for row, _, _ in part]], [question for _, _, question in part],
-                max_new_tokens=self.max_new_tokens, num_beams=self.num_beams,
-            )
-            for (row, question_id, _), answer in zip(part, answers, strict=True):
-                outputs.setdefault(indices[row], {})[question_id] = answer
+        for (row, question_id, _), answer in zip(asked, answers, strict=True):
+            outputs.setdefault(indices[row], {})[question_id] = answer
         return outputs
 
     def finish(self, trainer: L.Trainer, pl_module: L.LightningModule, merged: dict[int, dict[int, str]]) -> None:

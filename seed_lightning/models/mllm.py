@@ -268,13 +268,16 @@ class MultimodalLM(nn.Module):
         return [text.strip() for text in self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
 
     def answer(
-        self, codes: torch.Tensor, questions: list[str], max_new_tokens: int = 10, num_beams: int = 5
+        self, codes: torch.Tensor, questions: list[str], max_new_tokens: int = 10, num_beams: int = 5,
+        batch_size: int | None = None,
     ) -> list[str]:
-        """Short answers: prompt `<img> codes </img>Question: {q} Answer:`, beam search, first sentence kept."""
+        """Short answers: prompt `<img> codes </img>Question: {q} Answer:`, beam search, first sentence kept;
+        at most `batch_size` prompts per generate call (None: no limit)."""
         spans = self.visual.image_span(codes).tolist()
         prompts = [[self.bos_id, *span, *self.text_ids(f"Question: {question} Answer:")]
                    for span, question in zip(spans, questions, strict=True)]
-        new_tokens = self._generate(prompts, max_new_tokens=max_new_tokens, num_beams=num_beams, do_sample=False)
+        new_tokens = self._generate(prompts, batch_size, max_new_tokens=max_new_tokens, num_beams=num_beams,
+                                    do_sample=False)
         return [short_answer(text) for text in self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
 
     def generate_image_codes(
@@ -298,26 +301,35 @@ class MultimodalLM(nn.Module):
         return self.visual.id_to_code(new_tokens.cpu())
 
     @torch.no_grad()
-    def _generate(self, prompts: list[list[int]], **generate_kwargs) -> torch.Tensor:
-        """Left-pad the prompt ids, run HF generate in eval mode, return only the new tokens [B, T]."""
-        longest = max(len(prompt) for prompt in prompts)
-        input_ids = torch.full((len(prompts), longest), self.pad_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(prompts), longest), dtype=torch.long)
+    def _generate(self, prompts: list[list[int]], batch_size: int | None = None, **generate_kwargs) -> torch.Tensor:
+        """Run HF generate in eval mode on the prompt ids, at most `batch_size` prompts a call (None: no limit);
+        return only the new tokens [B, T] (right-padded with `pad_id`), in prompt order.
+
+        Prompts of one length are generated together, never padded: attention over padded keys rounds
+        differently, so a padded prompt's output would depend on its batch-mates.
+        """
+        by_length: dict[int, list[int]] = {}
         for row, prompt in enumerate(prompts):
-            input_ids[row, longest - len(prompt):] = torch.tensor(prompt)
-            attention_mask[row, longest - len(prompt):] = 1
+            by_length.setdefault(len(prompt), []).append(row)
+        new_tokens: list[torch.Tensor | None] = [None] * len(prompts)
         dtype = self.compute_dtype  # mixed-dtype weights run under autocast, as they do in training
         # Compiled layers (a training option) run eagerly here: decoding changes shapes every step.
         with eval_mode(self.model), torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None), \
                 torch.compiler.set_stance("force_eager"):
-            output = self.model.generate(
-                input_ids=input_ids.to(self.device),
-                attention_mask=attention_mask.to(self.device),
-                pad_token_id=self.pad_id,
-                eos_token_id=self.eos_id,
-                **generate_kwargs,
-            )
-        return output[:, longest:]
+            for length, same_length in by_length.items():
+                for start in range(0, len(same_length), batch_size or len(same_length)):
+                    rows = same_length[start : start + (batch_size or len(same_length))]
+                    input_ids = torch.tensor([prompts[row] for row in rows], dtype=torch.long, device=self.device)
+                    output = self.model.generate(
+                        input_ids=input_ids,
+                        attention_mask=torch.ones_like(input_ids),
+                        pad_token_id=self.pad_id,
+                        eos_token_id=self.eos_id,
+                        **generate_kwargs,
+                    )
+                    for row, tokens in zip(rows, output[:, length:]):
+                        new_tokens[row] = tokens
+        return torch.nn.utils.rnn.pad_sequence(new_tokens, batch_first=True, padding_value=self.pad_id)
 
     # ----------------------------------------------------------------------------- persistence
     def save(self, directory: str | Path) -> None:

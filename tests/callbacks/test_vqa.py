@@ -46,8 +46,8 @@ class FakeMLLM:
     def __init__(self):
         self.calls = []
 
-    def answer(self, codes, questions, max_new_tokens=10, num_beams=5):
-        self.calls.append((codes[:, 0].tolist(), list(questions), num_beams))
+    def answer(self, codes, questions, max_new_tokens=10, num_beams=5, batch_size=None):
+        self.calls.append((codes[:, 0].tolist(), list(questions), num_beams, batch_size))
         return [ANSWERS[question] for question in questions]
 
 
@@ -99,12 +99,11 @@ def test_accuracy_equals_the_official_rule_on_tricky_answers(tmp_path, monkeypat
     baseline = vqa_accuracy(majority_answer_baseline(annotations, annotations), annotations).overall
     assert results["val/vqa_acc_majority_baseline"] == pytest.approx(100 * baseline)
 
-    # Questions go in generate calls of at most the val batch size (2), with the configured beam width;
-    # image 999 has none.
+    # Every question of a val batch goes in one call, with at most the val batch size (2) per generate call and
+    # the configured beam width; image 999 has none.
     assert module.mllm.calls == [
-        ([100, 100], [q[2] for q in QUESTIONS[:2]], 5),
-        ([101, 101], [q[2] for q in QUESTIONS[2:4]], 5),
-        ([102], [QUESTIONS[4][2]], 5),
+        ([100, 100, 101, 101], [q[2] for q in QUESTIONS[:4]], 5, 2),
+        ([102], [QUESTIONS[4][2]], 5, 2),
     ]
     written = json.loads((tmp_path / "run" / "vqa_results_epoch0.json").read_text())
     assert written == [{"question_id": qid, "answer": answer} for _, qid, *_, answer in QUESTIONS]

@@ -204,6 +204,33 @@ def test_caption_and_answer_return_strings_independent_of_batching(tiny_opt_dir)
     assert lm.training is False
 
 
+def test_generation_never_pads_so_a_prompt_does_not_depend_on_its_batch(tiny_opt_dir, monkeypatch):
+    # Attention over left-padded keys rounds differently (~1e-7 on the logits), enough to flip a beam or an
+    # argmax: a prompt's answer would depend on its batch-mates, and a DDP evaluation on the batches of its ranks.
+    lm = make_lm(tiny_opt_dir)
+    train_one_step(lm)
+    torch.manual_seed(3)
+    codes = torch.randint(0, NUM_CODES, (4, 32))
+    questions = ["what color is the cat", "is it a dog?", "two birds", "what color is the dog"]
+    calls = []
+    generate = lm.model.generate
+
+    def recording_generate(*args, **kwargs):
+        calls.append(kwargs["attention_mask"].clone())
+        return generate(*args, **kwargs)
+
+    monkeypatch.setattr(lm.model, "generate", recording_generate)
+    answers = lm.answer(codes, questions, max_new_tokens=4, num_beams=3)
+    lengths = [len(lm.text_ids(f"Question: {question} Answer:")) for question in questions]
+    assert len(calls) == len(set(lengths)) > 1, "one call per prompt length"
+    assert all(bool(mask.all()) for mask in calls), "no prompt padded"
+    calls.clear()
+    assert lm.answer(codes, questions, max_new_tokens=4, num_beams=3, batch_size=1) == answers
+    assert len(calls) == 4
+    assert answers == [lm.answer(codes[i:i + 1], questions[i:i + 1], max_new_tokens=4, num_beams=3)[0]
+                       for i in range(4)]
+
+
 def test_short_answer_keeps_the_first_sentence_of_the_first_line():
     assert short_answer("  yes. it is a cat\nQuestion: what") == "yes."
     assert short_answer("two Question: how many") == "two"
