@@ -30,6 +30,7 @@ from typing import Any, Literal
 import torch
 import torch.distributed as dist
 from lightning.pytorch import LightningDataModule
+from lightning.pytorch.trainer.states import TrainerFn
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from seed_lightning.data.shards import (
@@ -409,6 +410,8 @@ class ShardDataModule(LightningDataModule):
         return {"format": _STATE_FORMAT, "fingerprint": self._fingerprint(), "ranks": ranks}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if self.trainer is not None and self.trainer.state.fn != TrainerFn.FITTING:
+            return  # validate/test/predict never read the train stream: its saved position is irrelevant there
         rank, _ = self._rank_and_world_size()
         ranks = state_dict.get("ranks") or []
         if state_dict.get("format") == _STATE_FORMAT and state_dict.get("fingerprint") == self._fingerprint():

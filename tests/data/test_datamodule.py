@@ -12,6 +12,7 @@ import pytest
 import torch
 import yaml
 from jsonargparse import ArgumentParser
+from lightning.pytorch.trainer.states import TrainerFn
 from PIL import Image
 from webdataset import TarWriter
 
@@ -191,6 +192,18 @@ def test_changed_configuration_resumes_on_fresh_streams_with_a_warning(shards):
         changed.load_state_dict(first.state_dict())
     assert changed._book.batches == 2 and changed._book.states == [None]
     assert len(consume(changed)) == 15 // 5 - 2 % 3
+
+
+def test_validation_ignores_the_train_stream_state(shards, recwarn):
+    # `evaluate` restores a fit checkpoint into trainer.validate: the stream position there is meaningless,
+    # so it neither restores it nor warns that it does not match (here: another world size and batch size).
+    first = make_module(shards)
+    consume(first, batches=2)
+    evaluating = make_module(shards, batch_size=5)
+    evaluating.trainer = SimpleNamespace(global_rank=0, world_size=2, state=SimpleNamespace(fn=TrainerFn.VALIDATING))
+    evaluating.load_state_dict(first.state_dict())
+    assert not [w for w in recwarn if "data stream" in str(w.message)]
+    assert evaluating._book.batches == 0
 
 
 @pytest.mark.parametrize(
