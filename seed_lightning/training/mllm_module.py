@@ -10,8 +10,8 @@ non-pad token (VQA samples: the answer tokens only); its text-token and image-to
 separately.
 
 Validation computes, for every val image, both directions: `val/caption_loss` (caption tokens given the
-image) and `val/image_loss` (the 32 codes given the caption). Generation metrics (captions, VQA, images)
-come from callbacks that use `self.mllm` and `self.seed_tokenizer`.
+image) and `val/image_loss` (the 32 codes given the caption), as token means over the whole val set. Generation
+metrics (captions, VQA, images) come from callbacks that use `self.mllm` and `self.seed_tokenizer`.
 """
 
 import logging
@@ -32,6 +32,7 @@ from seed_lightning.models.mllm import MultimodalLM, MultimodalLMConfig
 from seed_lightning.models.pretrained import WEIGHTS_FILE
 from seed_lightning.models.tokenizer import CONFIG_FILE, SeedTokenizer
 from seed_lightning.preflight import check_files, check_folder, check_pretrained
+from seed_lightning.training.distributed import ValSetMean
 from seed_lightning.training.frozen import FrozenDtype, resolve_frozen_dtype
 from seed_lightning.training.optim import AdamWModule, OptimConfig
 from seed_lightning.training.rng import restore_rng_states, save_rng_states
@@ -141,6 +142,7 @@ class MLLMModule(AdamWModule):
         self.mllm = MultimodalLM(model).train()  # from_pretrained returns eval mode; training wants dropout on
         self.vqa_by_image = self._load_vqa(vqa_train) if vqa_train is not None else {}
         self.vqa_probability = vqa_train.probability if vqa_train is not None else 0.0
+        self.val_means = torch.nn.ModuleDict({name: ValSetMean() for name in ("caption_loss", "image_loss", "loss")})
         self._batch_started: float | None = None
         self._batch_tokens = 0
         self._prepared = False
@@ -324,10 +326,12 @@ class MLLMModule(AdamWModule):
         caption_loss = (captioning.token_losses * caption_targets).sum() / caption_targets.sum().clamp(min=1)
         tokens = [captioning.num_text + captioning.num_image, generation.num_text + generation.num_image]
         loss = (captioning.loss * tokens[0] + generation.loss * tokens[1]) / sum(tokens)
-        batch_size = len(batch["caption"])
-        self.log("val/caption_loss", caption_loss, prog_bar=True, batch_size=batch_size, sync_dist=True)
-        self.log("val/image_loss", generation.image_loss, batch_size=batch_size, sync_dist=True)
-        self.log("val/loss", loss, batch_size=batch_size, sync_dist=True)
+        # Token means over the whole val set: each batch's mean weighted by its number of target tokens.
+        for name, value, weight in (("caption_loss", caption_loss, caption_targets.sum()),
+                                    ("image_loss", generation.image_loss, generation.num_image),
+                                    ("loss", loss, sum(tokens))):
+            self.val_means[name].update(value, weight)
+            self.log(f"val/{name}", self.val_means[name], prog_bar=name == "caption_loss")
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # The frozen image tokenizer is reloaded from `tokenizer`; do not copy it into every checkpoint.

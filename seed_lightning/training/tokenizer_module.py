@@ -24,6 +24,7 @@ from seed_lightning.models.fp8 import convert_linears_to_fp8, require_fp8_suppor
 from seed_lightning.models.sd_text_encoder import SDTextEncoder
 from seed_lightning.models.tokenizer import SeedTokenizer, SeedTokenizerConfig
 from seed_lightning.preflight import check_pretrained
+from seed_lightning.training.distributed import ValSetMean
 from seed_lightning.training.frozen import FrozenDtype, resolve_frozen_dtype
 from seed_lightning.training.losses import contrastive_loss, cosine_reconstruction_loss
 from seed_lightning.training.optim import AdamWModule, OptimConfig
@@ -112,6 +113,7 @@ class TokenizerModule(AdamWModule):
         self.register_buffer("codebook_initialized", torch.tensor(codebook_init == "uniform"))
         self._cache: EmbeddingCache | None = None
         self._val_outputs: dict[int, dict] = {}
+        self.val_means = torch.nn.ModuleDict({name: ValSetMean() for name in ("loss", "vq", "recon", "gen")})
         self._frozen_prepared = False
         self._codebook_needs_init = False
 
@@ -330,8 +332,9 @@ class TokenizerModule(AdamWModule):
         if self.stage == "codebook":
             losses = self._codebook_losses(causal, batch["caption"])
             for name in ("loss", "vq", "recon", "gen"):
-                if name in losses:
-                    self.log(f"val/{name}", losses[name], prog_bar=name == "loss", batch_size=batch_size, sync_dist=True)
+                if name in losses:  # means over the val images
+                    self.val_means[name].update(losses[name], batch_size)
+                    self.log(f"val/{name}", self.val_means[name], prog_bar=name == "loss")
             for row, codes in zip(rows, losses["codes"].cpu()):
                 row["codes"] = codes
         self._val_outputs.update(zip(batch["index"].tolist(), rows))
