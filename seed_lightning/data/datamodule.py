@@ -180,21 +180,32 @@ class ShardTrainDataset(IterableDataset):
             stream.close()
 
 
+def val_batches(num_samples: int, batch_size: int, world_size: int) -> list[range]:
+    """The val set's batches, in order: `batch_size` samples each (the last one fewer), whatever the world size. A
+    val set with fewer such batches than ranks is cut into one near-equal batch per rank instead: every rank must
+    validate (the epoch ends in collectives), and only then do the batches depend on the world size."""
+    if math.ceil(num_samples / batch_size) < world_size:
+        cuts = [num_samples * k // world_size for k in range(world_size + 1)]
+        return [range(start, end) for start, end in zip(cuts, cuts[1:])]
+    return [range(start, min(start + batch_size, num_samples)) for start in range(0, num_samples, batch_size)]
+
+
 class ShardValDataset(IterableDataset):
-    """Validation samples of one rank: sample i of the val set goes to rank i % world_size, in order, each once
-    (no padding duplicates); batch b of the rank is made by DataLoader worker b % num_workers, so the DataLoader's
-    round-robin returns the batches in order. Batches carry `index` (positions in the val set)."""
+    """Validation samples of one rank: batch b of `val_batches` goes to rank b % world_size. A batch thus holds the
+    same samples on any number of ranks, so DDP computes what one process does (batched arithmetic, e.g. a
+    convolution, rounds differently with other batch-mates). Each sample once (no padding duplicates); a rank's
+    k-th batch is made by DataLoader worker k % num_workers, so the DataLoader's round-robin returns the batches in
+    order. Batches carry `index` (positions in the val set)."""
 
     def __init__(
         self, refs: Sequence[SampleRef], decode: SampleDecoder, batch_size: int, rank: int, world_size: int
     ) -> None:
-        self.indices = range(rank, len(refs), world_size)
-        self.refs = [refs[i] for i in self.indices]
+        self.refs = refs
+        self.batches = val_batches(len(refs), batch_size, world_size)[rank::world_size]
         self.decode = decode
-        self.batch_size = batch_size
 
     def __len__(self) -> int:
-        return math.ceil(len(self.refs) / self.batch_size)
+        return len(self.batches)
 
     def __iter__(self) -> Iterator[Any]:
         return _errors_as_batches(self._batches())
@@ -204,12 +215,11 @@ class ShardValDataset(IterableDataset):
         worker, num_workers = (0, 1) if info is None else (info.id, info.num_workers)
         reader, skipped = ShardReader(), Counter()
         try:
-            for batch_start in range(worker * self.batch_size, len(self.refs), num_workers * self.batch_size):
+            for batch_indices in self.batches[worker::num_workers]:
                 samples, indices = [], []
-                for position in range(batch_start, min(batch_start + self.batch_size, len(self.refs))):
-                    index = self.indices[position]
+                for index in batch_indices:
                     try:
-                        samples.append(self.decode(reader.read(self.refs[position]), random.Random(index)))
+                        samples.append(self.decode(reader.read(self.refs[index]), random.Random(index)))
                         indices.append(index)
                     except SkipSample as skip:
                         skipped[skip.reason] += 1

@@ -16,7 +16,13 @@ from lightning.pytorch.trainer.states import TrainerFn
 from PIL import Image
 from webdataset import TarWriter
 
-from seed_lightning.data.datamodule import STREAM_STATE_KEY, ShardDataModule, ShardSource, ShardValDataset
+from seed_lightning.data.datamodule import (
+    STREAM_STATE_KEY,
+    ShardDataModule,
+    ShardSource,
+    ShardValDataset,
+    val_batches,
+)
 from seed_lightning.data.shards import expand_urls, index_tar, make_decoder
 from seed_lightning.data.transforms import ImageTransform
 from seed_lightning.errors import ConfigError, DataError
@@ -118,20 +124,26 @@ def test_codes_kind_reads_the_configured_codes_per_image(shards):
     assert [codes.shape for codes in val] == [(4, 16), (2, 16)]
 
 
-def test_every_val_sample_once_over_two_ranks_and_workers(shards):
+def test_val_batches_hold_the_same_samples_on_any_number_of_ranks(shards):
+    # Batched arithmetic rounds differently with other batch-mates: for DDP to compute what one process does, the
+    # val set is cut into batches first (in order) and the batches are dealt to the ranks: b to rank b % W.
     refs = [ref for url in expand_urls(f"{shards}/val-{{000..001}}.tar") for ref in index_tar(url).samples]
     decode = make_decoder("image", ImageTransform(image_size=8), 50, 32)
-    seen = []
-    for rank in range(2):
-        dataset = ShardValDataset(refs, decode, batch_size=2, rank=rank, world_size=2)
-        loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=2)
-        batches = list(loader)
-        assert len(batches) == len(loader)
-        indices = [i for b in batches for i in b["index"].tolist()]
-        assert indices == list(range(rank, 11, 2))  # in order, no padding duplicates
-        seen += indices
-        assert [key for b in batches for key in b["key"]] == [f"v{i:02d}" for i in indices]
-    assert sorted(seen) == list(range(11))
+    expected = [[0, 1], [2, 3], [4, 5], [6, 7], [8, 9], [10]]
+    for world_size in (1, 2, 3):
+        for rank in range(world_size):
+            dataset = ShardValDataset(refs, decode, batch_size=2, rank=rank, world_size=world_size)
+            loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=2)
+            batches = list(loader)
+            assert len(batches) == len(loader)
+            assert [b["index"].tolist() for b in batches] == expected[rank::world_size]  # in order, each once
+            assert [b["key"] for b in batches] == [[f"v{i:02d}" for i in b["index"]] for b in batches]
+
+
+def test_a_val_set_of_fewer_batches_than_ranks_gives_every_rank_one():
+    assert val_batches(11, batch_size=6, world_size=1) == [range(0, 6), range(6, 11)]
+    assert val_batches(11, batch_size=6, world_size=2) == [range(0, 6), range(6, 11)]
+    assert val_batches(11, batch_size=6, world_size=3) == [range(0, 3), range(3, 7), range(7, 11)]
 
 
 def test_ranks_get_different_streams_and_same_number_of_batches(shards):
