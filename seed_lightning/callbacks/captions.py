@@ -12,7 +12,6 @@ from seed_lightning.callbacks.validation import (
     check_positive,
     publish,
     require_attribute,
-    results_dir,
 )
 from seed_lightning.metrics.captions import check_java, score_captions, write_coco_results
 
@@ -89,10 +88,12 @@ class CaptionMetricsCallback(IndexedValidationCallback):
             }
         return outputs
 
-    def finish(self, trainer: L.Trainer, pl_module: L.LightningModule, merged: dict[int, dict[str, Any]]) -> None:
+    def finish(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, merged: dict[int, dict[str, Any]], directory: Path
+    ) -> None:
         metrics = None
         if trainer.is_global_zero and merged:
-            metrics = self.score(merged.values(), results_dir(trainer) / f"captions_epoch{trainer.current_epoch}.json")
+            metrics = self.score(merged.values(), directory / f"captions_epoch{trainer.current_epoch}.json")
             samples = list(merged.values())[: self.num_logged_samples]
             table = "\n".join(["| image | prediction | a reference |", "| --- | --- | --- |"] + [
                 f"| {row['image_id']} | {row['caption']} | {row['references'][0]} |" for row in samples

@@ -12,6 +12,7 @@ Both in torchmetrics' CLIPScore convention (100 x mean cosine, clamped at 0), wi
 TensorBoard.
 """
 
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -25,7 +26,6 @@ from seed_lightning.callbacks.validation import (
     evaluates_now,
     publish,
     require_attribute,
-    results_dir,
 )
 from seed_lightning.callbacks.image_grid import image_grid, to_chw_tensor
 from seed_lightning.errors import ConfigError
@@ -157,14 +157,15 @@ class CLIPScoreCallback(IndexedValidationCallback):
             }
         return outputs
 
-    def finish(self, trainer: L.Trainer, pl_module: L.LightningModule, merged: dict[int, dict[str, Any]]) -> None:
+    def finish(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, merged: dict[int, dict[str, Any]], directory: Path
+    ) -> None:
         metrics = None
         if trainer.is_global_zero and merged:
             metrics = self.score(list(merged.values()))
             shown = [row for row in merged.values() if row["images"] is not None]
             if shown:
                 grid = image_grid([row["images"] for row in shown], [row["caption"] for row in shown])
-                directory = results_dir(trainer)
                 directory.mkdir(parents=True, exist_ok=True)
                 grid.save(directory / f"clip_grid_epoch{trainer.current_epoch}.png")
                 add_to_tensorboard(trainer, "image", "val/generated_images", to_chw_tensor(grid))

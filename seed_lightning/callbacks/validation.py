@@ -18,7 +18,11 @@ T = TypeVar("T")
 
 
 def results_dir(trainer: L.Trainer) -> Path:
-    """Where result files go: the logger's run folder, else the trainer's default_root_dir."""
+    """Where result files go: the logger's run folder, else the trainer's default_root_dir.
+
+    A collective (``trainer.log_dir`` broadcasts rank 0's folder): call it on every rank, never inside a
+    rank-0 branch, or the next broadcast of the other ranks receives this path instead of their own object.
+    """
     return Path(trainer.log_dir or trainer.default_root_dir)
 
 
@@ -71,7 +75,8 @@ def check_positive(**values: int | None) -> None:
 class IndexedValidationCallback(L.Callback):
     """Base of the evaluation callbacks, following the pattern above: during validation each rank
     collects ``{val index: output}`` (`collect`); at epoch end the outputs of every rank, merged by
-    index, go to `finish` on every rank (which scores on rank 0 and calls `publish`).
+    index, go to `finish` on every rank (which scores on rank 0 and calls `publish`), with the folder for
+    result files (looked up here, on every rank: the lookup is a collective).
     `active` says whether this validation epoch is evaluated."""
 
     def __init__(self, every_n_epochs: int = 1) -> None:
@@ -87,8 +92,11 @@ class IndexedValidationCallback(L.Callback):
         """This rank's outputs for one val batch, by val index."""
         raise NotImplementedError
 
-    def finish(self, trainer: L.Trainer, pl_module: L.LightningModule, merged: dict[int, Any]) -> None:
-        """Score the outputs of every rank (called on every rank: it must reach `publish`)."""
+    def finish(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, merged: dict[int, Any], directory: Path
+    ) -> None:
+        """Score the outputs of every rank, writing result files into `directory` (called on every rank: it must
+        reach `publish`, and no collective may hide in its rank-0 branch)."""
         raise NotImplementedError
 
     def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -106,4 +114,4 @@ class IndexedValidationCallback(L.Callback):
             return
         merged = merge_ranks(self._outputs)
         self._outputs = {}
-        self.finish(trainer, pl_module, merged)
+        self.finish(trainer, pl_module, merged, results_dir(trainer))

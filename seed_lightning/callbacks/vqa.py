@@ -11,7 +11,6 @@ from seed_lightning.callbacks.validation import (
     check_positive,
     publish,
     require_attribute,
-    results_dir,
 )
 from seed_lightning.data.coco import read_vqa
 from seed_lightning.errors import DataError
@@ -107,7 +106,9 @@ class VQAAccuracyCallback(IndexedValidationCallback):
             outputs.setdefault(indices[row], {})[question_id] = answer
         return outputs
 
-    def finish(self, trainer: L.Trainer, pl_module: L.LightningModule, merged: dict[int, dict[int, str]]) -> None:
+    def finish(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, merged: dict[int, dict[int, str]], directory: Path
+    ) -> None:
         predictions = {qid: answer for answers in merged.values() for qid, answer in answers.items()}
         if not predictions:
             raise DataError(
@@ -116,7 +117,7 @@ class VQAAccuracyCallback(IndexedValidationCallback):
             )
         metrics = None
         if trainer.is_global_zero:
-            metrics = self.score(predictions, results_dir(trainer), trainer.current_epoch)
+            metrics = self.score(predictions, directory, trainer.current_epoch)
         publish(trainer, pl_module, metrics, prog_bar=("val/vqa_acc",))
 
     def score(self, predictions: dict[int, str], directory: Path, epoch: int) -> dict[str, float]:

@@ -8,13 +8,14 @@ import io
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 
 import pytest
 from PIL import Image
 from webdataset import TarWriter
+
+from tests.cli_runs import free_ports
 
 STEPS_PER_EPOCH = 5  # samples_per_epoch 20 / batch 4: odd, so the worker round-robin shifts every epoch
 EPOCHS = 3
@@ -104,17 +105,6 @@ def train(shard_dir: str, root: str, log_path: str, kill_at_step: int | None, re
         default_root_dir=root,
     )
     trainer.fit(MeanColourRegression(), datamodule=data, ckpt_path=f"{root}/checkpoints/last.ckpt" if resume else None)
-
-
-def free_ports(count: int) -> list[int]:
-    """Distinct free ports (all held open while chosen), one per DDP run, so concurrent runs never share one."""
-    sockets = [socket.socket() for _ in range(count)]
-    for sock in sockets:
-        sock.bind(("127.0.0.1", 0))
-    ports = [sock.getsockname()[1] for sock in sockets]
-    for sock in sockets:
-        sock.close()
-    return ports
 
 
 def launch(shard_dir, root, log_path, kill_at_step, resume, ranks, port) -> subprocess.Popen:

@@ -3,11 +3,11 @@ losses equal those of an uninterrupted run, step for step (data order, RNG, opti
 
 import os
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+
+from tests.cli_runs import CLI, run_in_own_group
 
 HERE = Path(__file__).resolve().parent
 STEPS, KILL_AT = 10, 7  # 6 batches an epoch: the kill lands mid-epoch 2
@@ -45,20 +45,11 @@ data:
 def fit(repo: Path, run_dir: Path, kill_at: int | None = None) -> int:
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "overlay.yaml").write_text(overlay(run_dir, kill_at))
-    env = {**os.environ, "PYTHONPATH": str(HERE), "SEED_LOG_LEVEL": "WARNING"}
-    command = [sys.executable, "-m", "seed_lightning.cli", "tokenizer", "fit", "-c", "conf/tokenizer/tiny.yaml",
-               "-c", str(run_dir / "overlay.yaml"), "--ckpt_path", "last"]
+    command = [*CLI, "tokenizer", "fit", "-c", "conf/tokenizer/tiny.yaml", "-c", str(run_dir / "overlay.yaml"),
+               "--ckpt_path", "last"]
     log = run_dir / "log.txt"
-    with open(log, "a") as output:
-        # Own session: after the SIGKILL, its orphaned DataLoader workers are killed with the group.
-        process = subprocess.Popen(command, cwd=repo, env=env, stdout=output, stderr=output, start_new_session=True)
-        try:
-            returncode = process.wait(timeout=600)
-        finally:
-            try:
-                os.killpg(process.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+    # Own process group: after the SIGKILL, its orphaned DataLoader workers are killed with the group.
+    returncode = run_in_own_group(command, log, timeout=600, env={"PYTHONPATH": f"{HERE}{os.pathsep}{repo}"})
     if returncode not in (0, -signal.SIGKILL):
         raise AssertionError(log.read_text()[-3000:])
     return returncode

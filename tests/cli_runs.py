@@ -1,0 +1,126 @@
+"""Run the real commands (`seed-lightning`, `seed_lightning.evaluate`, torchrun) in subprocesses, as users do,
+on one process or on several CPU processes (DDP over gloo), and compare what two evaluations report."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+CLI = [sys.executable, "-m", "seed_lightning.cli"]
+EVALUATE = [sys.executable, "-m", "seed_lightning.evaluate"]
+DATA_STREAM_WARNING = "data stream does not match"
+"""ShardDataModule's complaint on restoring a train stream of another configuration (never in an evaluation)."""
+
+
+def free_ports(count: int) -> list[int]:
+    """Distinct free ports (all held open while chosen), one per DDP run, so concurrent runs never share one."""
+    sockets = [socket.socket() for _ in range(count)]
+    for sock in sockets:
+        sock.bind(("127.0.0.1", 0))
+    ports = [sock.getsockname()[1] for sock in sockets]
+    for sock in sockets:
+        sock.close()
+    return ports
+
+
+def run_in_own_group(command: Sequence[str], log: Path, timeout: float, env: dict | None = None) -> int:
+    """Run `command` from the repository root, output appended to `log`, in its own process group, which is
+    killed whole when it ends or times out (DDP ranks and DataLoader workers included). Returns the exit status."""
+    environment = {**os.environ, "PYTHONPATH": str(REPO), "SEED_LOG_LEVEL": "WARNING", **(env or {})}
+    with open(log, "a") as output:
+        process = subprocess.Popen(list(command), cwd=REPO, env=environment, stdout=output, stderr=output,
+                                   start_new_session=True)
+        try:
+            return process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"{' '.join(command[:4])} ... ran past {timeout} s:\n{log.read_text()[-3000:]}")
+        finally:
+            try:
+                os.killpg(process.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+def run_ok(command: Sequence[str], log: Path, timeout: float = 300, devices: int = 1, threads: int | None = None) -> str:
+    """Run `command` (on `devices` CPU processes: appends the Trainer options for DDP over gloo on a port of its
+    own; with `threads` torch threads per process, else Lightning's choice: the cores shared out); fail with the
+    log's tail unless it exits 0. Returns the log."""
+    command, env = list(command), {}
+    if devices > 1:
+        command += ["--trainer.accelerator", "cpu", "--trainer.devices", str(devices), "--trainer.strategy", "ddp"]
+        env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_ports(1)[0]))
+    if threads is not None:
+        env["OMP_NUM_THREADS"] = str(threads)
+    status = run_in_own_group(command, log, timeout, env)
+    text = log.read_text()
+    assert status == 0, f"exit status {status}:\n{text[-4000:]}"
+    return text
+
+
+def evaluate(kind: str, ckpt: Path, configs: Sequence[Path | str], out_dir: Path, devices: int,
+             threads: int | None = None, timeout: float = 300) -> dict[str, float]:
+    """`python -m seed_lightning.evaluate KIND` on `devices` processes (see `run_ok`); results, result files and log
+    in `out_dir` (the run's logger writes there). Returns the printed metrics."""
+    out_dir.mkdir(parents=True)
+    command = [*EVALUATE, kind, "--ckpt", str(ckpt), *(f"--config={config}" for config in configs),
+               "--out", str(out_dir / "results.json"), "--trainer.logger.init_args.save_dir", str(out_dir)]
+    log = run_ok(command, out_dir / "log.txt", timeout, devices, threads)
+    assert DATA_STREAM_WARNING not in log
+    return json.loads((out_dir / "results.json").read_text())["metrics"]
+
+
+def assert_same_evaluation(one: Path, two: Path, losses: Sequence[str]) -> dict[str, float]:
+    """The evaluations written to `one` and `two` (see `evaluate`) report the same metrics and wrote byte-identical
+    result files (predictions, accuracy reports, image grids). `losses` are float64 sums over the same batches in
+    another order, so their float32 value may differ in the last bit."""
+    metrics_one = json.loads((one / "results.json").read_text())["metrics"]
+    metrics_two = json.loads((two / "results.json").read_text())["metrics"]
+    assert sorted(metrics_one) == sorted(metrics_two)
+    exact = {name: value for name, value in metrics_one.items() if name not in losses}
+    assert {name: metrics_two[name] for name in exact} == exact
+    for name in losses:
+        assert metrics_two[name] == pytest.approx(metrics_one[name], rel=1e-6), name
+    files_one = sorted(path.relative_to(one) for path in one.rglob("*") if path.suffix in (".json", ".png"))
+    files_two = sorted(path.relative_to(two) for path in two.rglob("*") if path.suffix in (".json", ".png"))
+    assert files_one == files_two
+    for path in files_one:
+        if path.name != "results.json":  # it names its own checkpoint and configs
+            assert (one / path).read_bytes() == (two / path).read_bytes(), path
+    return metrics_one
+
+
+def mllm_overlay(tokenizer: str, tokens: Path, num_codes: int, val_batch_size: int) -> str:
+    """A YAML layered on conf/mllm/tiny.yaml: this tokenizer and its token shards, the generation callbacks kept
+    but small (a short caption, 6 generated images of 2 diffusion steps), no progress bar."""
+    return f"""
+trainer:
+  enable_progress_bar: false
+  callbacks:
+    - class_path: seed_lightning.callbacks.captions.CaptionMetricsCallback
+      init_args: {{max_new_tokens: 10}}
+    - class_path: seed_lightning.callbacks.vqa.VQAAccuracyCallback
+      init_args:
+        questions: data/synthetic/vqa/questions_val.json
+        annotations: data/synthetic/vqa/annotations_val.json
+        train_annotations: data/synthetic/vqa/annotations_train.json
+        max_new_tokens: 5
+    - class_path: seed_lightning.callbacks.clip_score.CLIPScoreCallback
+      init_args: {{clip_model: data/models/tiny-clip, sd_path: data/models/tiny-sd, num_images: 6,
+                  num_inference_steps: 2}}
+model:
+  tokenizer: {tokenizer}
+  model: {{num_visual_codes: {num_codes}}}
+  export_dir: null
+data:
+  train: [{{urls: {tokens}/train-*.tar}}]
+  val: {tokens}/val-*.tar
+  val_batch_size: {val_batch_size}
+  num_workers: 0
+"""
