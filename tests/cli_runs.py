@@ -11,6 +11,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
+from webdataset import TarWriter
+
+from seed_lightning.data.shards import iter_tar_samples
 
 REPO = Path(__file__).resolve().parents[1]
 CLI = [sys.executable, "-m", "seed_lightning.cli"]
@@ -96,9 +99,27 @@ def assert_same_evaluation(one: Path, two: Path, losses: Sequence[str]) -> dict[
     return metrics_one
 
 
-def mllm_overlay(tokenizer: str, tokens: Path, num_codes: int, val_batch_size: int) -> str:
+CLIP_SCORE_CALLBACK = """\
+    - class_path: seed_lightning.callbacks.clip_score.CLIPScoreCallback
+      init_args: {clip_model: data/models/tiny-clip, sd_path: data/models/tiny-sd, num_images: 6, num_inference_steps: 2}"""
+"""The CLIP-score callback (with its image grid) as a YAML list item of trainer.callbacks: 6 images, 2 diffusion steps."""
+
+
+def val_images(path: Path, start: int, count: int) -> str:
+    """Images `start` to `start + count - 1` of the default val shard, as a shard of their own (a small val set)."""
+    with TarWriter(str(path), mtime=0) as writer:
+        for number, raw in enumerate(iter_tar_samples(str(REPO / "data" / "synthetic" / "shards" / "val-000000.tar"))):
+            if number >= start + count:
+                break
+            if number >= start:
+                writer.write({key: value for key, value in raw.items() if key == "__key__" or not key.startswith("__")})
+    return str(path)
+
+
+def mllm_overlay(tokenizer: str, tokens: Path, num_codes: int, val_batch_size: int, callbacks: str = "") -> str:
     """A YAML layered on conf/mllm/tiny.yaml: this tokenizer and its token shards, the generation callbacks kept
-    but small (a short caption, 6 generated images of 2 diffusion steps), no progress bar."""
+    but small (a short caption, 6 generated images of 2 diffusion steps) plus `callbacks` (YAML list items), no
+    progress bar."""
     return f"""
 trainer:
   enable_progress_bar: false
@@ -111,9 +132,8 @@ trainer:
         annotations: data/synthetic/vqa/annotations_val.json
         train_annotations: data/synthetic/vqa/annotations_train.json
         max_new_tokens: 5
-    - class_path: seed_lightning.callbacks.clip_score.CLIPScoreCallback
-      init_args: {{clip_model: data/models/tiny-clip, sd_path: data/models/tiny-sd, num_images: 6,
-                  num_inference_steps: 2}}
+{CLIP_SCORE_CALLBACK}
+{callbacks}
 model:
   tokenizer: {tokenizer}
   model: {{num_visual_codes: {num_codes}}}

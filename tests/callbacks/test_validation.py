@@ -10,15 +10,13 @@ are random (built here in seconds); their predictions still have to agree.
 import lightning as L
 import pytest
 import torch
-from webdataset import TarWriter
 
 from seed_lightning import extract
-from seed_lightning.data.shards import iter_tar_samples
 from seed_lightning.models.mllm import MultimodalLMConfig
 from seed_lightning.models.tokenizer import SeedTokenizer
 from seed_lightning.training.mllm_module import MLLMModule
 from seed_lightning.training.tokenizer_module import TokenizerModule
-from tests.cli_runs import REPO, assert_same_evaluation, evaluate, mllm_overlay
+from tests.cli_runs import CLIP_SCORE_CALLBACK, REPO, assert_same_evaluation, evaluate, mllm_overlay, val_images
 from tests.test_extract import save_tokenizer
 
 pytestmark = pytest.mark.slow
@@ -26,16 +24,6 @@ pytestmark = pytest.mark.slow
 NUM_VAL_IMAGES = 25  # odd: the ranks hold 13 and 12
 NUM_CODES = 256
 MODELS = REPO / "data" / "models"
-
-
-def first_val_images(path, count: int) -> str:
-    """The first `count` images of the default val shard, as a shard of their own."""
-    with TarWriter(str(path), mtime=0) as writer:
-        for number, raw in enumerate(iter_tar_samples(str(REPO / "data" / "synthetic" / "shards" / "val-000000.tar"))):
-            if number == count:
-                break
-            writer.write({key: value for key, value in raw.items() if key == "__key__" or not key.startswith("__")})
-    return str(path)
 
 
 def save_module_checkpoint(module: L.LightningModule, path) -> str:
@@ -51,7 +39,7 @@ def checkpoints(default_world, tmp_path_factory):
     """Random tokenizer (+ its codebook-stage checkpoint), the val images' tokens and a random MLLM checkpoint."""
     directory = tmp_path_factory.mktemp("ddp-validation")
     tokenizer = save_tokenizer(directory / "tokenizer", num_codes=NUM_CODES)
-    images = first_val_images(directory / "val-images.tar", NUM_VAL_IMAGES)
+    images = val_images(directory / "val-images.tar", 0, NUM_VAL_IMAGES)
     extract.extract_split(tokenizer, images, directory / "tokens", "val", device="cpu", progress=False)
     torch.manual_seed(0)
     mllm = MLLMModule(model=MultimodalLMConfig(pretrained=str(MODELS / "tiny-opt"), num_visual_codes=NUM_CODES,
@@ -63,9 +51,7 @@ def checkpoints(default_world, tmp_path_factory):
 trainer:
   enable_progress_bar: false
   callbacks:
-    - class_path: seed_lightning.callbacks.clip_score.CLIPScoreCallback
-      init_args: {{clip_model: data/models/tiny-clip, sd_path: data/models/tiny-sd, num_images: 6,
-                  num_inference_steps: 2}}
+{CLIP_SCORE_CALLBACK}
 model:
   init_from: {tokenizer}
 data:

@@ -2,9 +2,6 @@
 runs them, outputs redirected to a temporary folder), then retrieval computed here from the exported
 tokenizer: learning must have happened."""
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,9 +11,12 @@ from PIL import Image
 from seed_lightning.data.datamodule import ShardDataModule
 from seed_lightning.metrics.retrieval import retrieval_recall
 from seed_lightning.models.tokenizer import SeedTokenizer
+from tests.cli_runs import CLI, run_ok
 
 
-def overlay(run: Path, stage: str) -> str:
+def overlay(run: Path, stage: str, callbacks: str = "", data: str = "") -> str:
+    """The stage's outputs under `run`; `callbacks` (YAML list items) join the checkpoint callback, `data` (indented
+    YAML lines) overrides data keys."""
     stage_dir = run / stage
     extra = ""
     if stage == "codebook":
@@ -25,11 +25,10 @@ model:
   init_from: {run}/contrastive/checkpoints/last.ckpt
   export_dir: {run}/seed_tokenizer
   cache_dir: {run}/cache
-trainer:
-  max_epochs: 1
 """
     return f"""
 trainer:
+  {"max_epochs: 1" if stage == "codebook" else ""}
   default_root_dir: {stage_dir}
   enable_progress_bar: false
   logger:
@@ -38,19 +37,21 @@ trainer:
   callbacks:
     - class_path: lightning.pytorch.callbacks.ModelCheckpoint
       init_args: {{dirpath: {stage_dir}/checkpoints, save_last: true}}
-""" + extra
+{callbacks}
+{"data:" if data else ""}
+{data}""" + extra
 
 
-def fit(repo: Path, run: Path, stage: str) -> None:
+def fit(run: Path, stage: str, callbacks: str = "", data: str = "", overrides: tuple[str, ...] = (),
+        devices: int = 1) -> str:
+    """`seed-lightning tokenizer fit` of the tiny config's `stage`, outputs under `run` (see `overlay`); returns its log."""
     run.mkdir(parents=True, exist_ok=True)
-    (run / f"{stage}.yaml").write_text(overlay(run, stage))
+    (run / f"{stage}.yaml").write_text(overlay(run, stage, callbacks, data))
     configs = ["-c", "conf/tokenizer/tiny.yaml"]
     if stage == "codebook":
         configs += ["-c", "conf/tokenizer/tiny-codebook.yaml"]
-    command = [sys.executable, "-m", "seed_lightning.cli", "tokenizer", "fit", *configs, "-c", str(run / f"{stage}.yaml")]
-    result = subprocess.run(command, cwd=repo, capture_output=True, text=True, timeout=900,
-                            env={**os.environ, "SEED_LOG_LEVEL": "WARNING"})
-    assert result.returncode == 0, result.stderr[-3000:]
+    command = [*CLI, "tokenizer", "fit", *configs, "-c", str(run / f"{stage}.yaml"), *overrides]
+    return run_ok(command, run / f"{stage}.log", timeout=900, devices=devices)
 
 
 @torch.no_grad()
@@ -75,8 +76,8 @@ def val_retrieval(tokenizer: SeedTokenizer, world) -> dict[str, float]:
 
 @pytest.mark.slow
 def test_tiny_default_tokenizer_learns(default_world, tmp_path):
-    fit(default_world.repo, tmp_path, "contrastive")
-    fit(default_world.repo, tmp_path, "codebook")
+    fit(tmp_path, "contrastive")
+    fit(tmp_path, "codebook")
     tokenizer = SeedTokenizer.load(tmp_path / "seed_tokenizer").eval()
     recall = val_retrieval(tokenizer, default_world)
     chance = 100 / 256  # percent: one right image among the 256 val images
