@@ -20,7 +20,7 @@ from seed_lightning.errors import ConfigError, DataError
 class ImageDecoder(nn.Module):
     """A frozen StableDiffusionPipeline (no safety checker) fed generation embeddings. Deterministic:
     image i starts from noise drawn with seed ``seeds[i]`` (default: `seed` for every image), so an
-    image does not depend on the batch it was generated in."""
+    image's noise does not depend on the batch it was generated in (its pixels can, by rounding)."""
 
     def __init__(
         self,
