@@ -51,7 +51,8 @@ def run_in_own_group(command: Sequence[str], log: Path, timeout: float, env: dic
                 pass
 
 
-def run_ok(command: Sequence[str], log: Path, timeout: float = 300, devices: int = 1, threads: int | None = None) -> str:
+def run_ok(command: Sequence[str], log: Path, timeout: float = 300, devices: int = 1,
+           threads: int | None = None) -> str:
     """Run `command` (on `devices` CPU processes: appends the Trainer options for DDP over gloo on a port of its
     own; with `threads` torch threads per process, else Lightning's choice: the cores shared out); fail with the
     log's tail unless it exits 0. Returns the log."""
@@ -101,8 +102,10 @@ def assert_same_evaluation(one: Path, two: Path, losses: Sequence[str]) -> dict[
 
 CLIP_SCORE_CALLBACK = """\
     - class_path: seed_lightning.callbacks.clip_score.CLIPScoreCallback
-      init_args: {clip_model: data/models/tiny-clip, sd_path: data/models/tiny-sd, num_images: 6, num_inference_steps: 2}"""
-"""The CLIP-score callback (with its image grid) as a YAML list item of trainer.callbacks: 6 images, 2 diffusion steps."""
+      init_args: {clip_model: data/models/tiny-clip, sd_path: data/models/tiny-sd, num_images: 6,
+                  num_inference_steps: 2}"""
+"""The CLIP-score callback (with its image grid) as a YAML list item of trainer.callbacks: 6 images, 2 diffusion
+steps."""
 
 
 def val_images(path: Path, start: int, count: int) -> str:

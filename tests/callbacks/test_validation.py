@@ -44,8 +44,8 @@ def checkpoints(default_world, tmp_path_factory):
     torch.manual_seed(0)
     mllm = MLLMModule(model=MultimodalLMConfig(pretrained=str(MODELS / "tiny-opt"), num_visual_codes=NUM_CODES,
                                                lora=None), tokenizer=tokenizer)
-    codebook = TokenizerModule(model=SeedTokenizer.load(tokenizer).config, text_tokenizer=str(MODELS / "bert-tokenizer"),
-                               stage="codebook", init_from=tokenizer, generation_target=str(MODELS / "tiny-sd"))
+    codebook = TokenizerModule(model=SeedTokenizer.load(tokenizer).config, stage="codebook", init_from=tokenizer,
+                               text_tokenizer=str(MODELS / "bert-tokenizer"), generation_target=str(MODELS / "tiny-sd"))
     (directory / "mllm.yaml").write_text(mllm_overlay(tokenizer, directory / "tokens", NUM_CODES, val_batch_size=4))
     (directory / "codebook.yaml").write_text(f"""
 trainer:
@@ -60,7 +60,8 @@ data:
   num_workers: 0
 """)
     return {
-        "mllm": (save_module_checkpoint(mllm, directory / "mllm.ckpt"), ["conf/mllm/tiny.yaml", directory / "mllm.yaml"]),
+        "mllm": (save_module_checkpoint(mllm, directory / "mllm.ckpt"),
+                 ["conf/mllm/tiny.yaml", directory / "mllm.yaml"]),
         "tokenizer": (save_module_checkpoint(codebook, directory / "codebook.ckpt"),
                       ["conf/tokenizer/tiny.yaml", "conf/tokenizer/tiny-codebook.yaml", directory / "codebook.yaml"]),
     }

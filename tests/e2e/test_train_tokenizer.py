@@ -44,7 +44,8 @@ trainer:
 
 def fit(run: Path, stage: str, callbacks: str = "", data: str = "", overrides: tuple[str, ...] = (),
         devices: int = 1) -> str:
-    """`seed-lightning tokenizer fit` of the tiny config's `stage`, outputs under `run` (see `overlay`); returns its log."""
+    """`seed-lightning tokenizer fit` of the tiny config's `stage`, outputs under `run` (see `overlay`); returns its
+    log."""
     run.mkdir(parents=True, exist_ok=True)
     (run / f"{stage}.yaml").write_text(overlay(run, stage, callbacks, data))
     configs = ["-c", "conf/tokenizer/tiny.yaml"]
