@@ -129,9 +129,14 @@ def run_preflight(
     check_precision(precision, accelerator)
 
 
+_HUB_ID = re.compile(r"(?:[A-Za-z0-9][\w.-]*/)?[A-Za-z0-9][\w.-]*")
+"""A hub repo id: "name" (legacy ids such as bert-base-uncased) or "owner/name"."""
+
+
 def is_hub_id(source: str) -> bool:
-    """True for a Hugging Face hub id ("owner/name") that is not an existing local path."""
-    return not source.startswith(("/", ".", "~")) and source.count("/") == 1 and not os.path.exists(source)
+    """True for a Hugging Face hub id ("owner/name", or a legacy owner-less "name" such as bert-base-uncased)
+    that is not an existing local path."""
+    return _HUB_ID.fullmatch(source) is not None and not os.path.exists(source)
 
 
 def check_pretrained(

@@ -282,3 +282,14 @@ def test_each_missing_requirement_stops_the_run_in_one_line_before_the_model_is_
     code, error = cli_exit(mllm_run(**change), capsys)
     assert code == 2 and "\n" not in error
     assert expected in error
+
+
+def test_legacy_hub_ids_without_an_owner_resolve_through_the_cache(hub_cache, monkeypatch):
+    # bert-base-uncased (the paper's text tokenizer) has no "owner/" part: it is a hub id, not a missing folder.
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    hub_cache("bert-base-uncased", "config.json")
+    check_pretrained("bert-base-uncased", "model.text_tokenizer")
+    message = one_line_error("nor in the Hugging Face cache", check_pretrained, "bert-base-cased", "model.text_tokenizer")
+    assert "bert-base-cased" in message
