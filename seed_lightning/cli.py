@@ -14,8 +14,10 @@ Errors a user can fix (bad config key, missing path, no GPU, ...) print one line
 """
 
 import argparse
+import faulthandler
 import logging
 import os
+import signal
 import sys
 import warnings
 from argparse import ArgumentError
@@ -302,6 +304,8 @@ def silence_expected_warnings() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    # `kill -USR2 PID` prints the stack of every thread of a run that seems hung (e.g. a rank waiting in a collective).
+    faulthandler.register(signal.SIGUSR2, all_threads=True)
     _configure_logging()
     silence_expected_warnings()
     if not argv or argv[0] in ("-h", "--help"):

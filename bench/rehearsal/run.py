@@ -362,6 +362,9 @@ def run_stage(stage: Stage, settings: Settings, env: dict[str, str]) -> StageRes
             try:
                 result.exit_code = process.wait(timeout=max(1, settings.timeout_s - (time.perf_counter() - started)))
             except subprocess.TimeoutExpired:
+                # `seed-lightning` prints every thread's stack on SIGUSR2: the log then says where it hung.
+                os.killpg(process.pid, signal.SIGUSR2)
+                time.sleep(5)
                 os.killpg(process.pid, signal.SIGKILL)
                 result.exit_code = process.wait()
                 result.status = "timeout"
