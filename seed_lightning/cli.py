@@ -293,6 +293,8 @@ _EXPECTED_WARNINGS = [
     r".*isinstance\(treespec, LeafSpec\).*",  # a torch deprecation inside Lightning
     r".*overridden `transfer_batch_to_device` in `LightningModule`.*",  # intended: stage 2's cache
     r"LightningCLI's args parameter is intended to run from within Python.*",  # args = argv less the command
+    # Val metrics logged without sync_dist are computed from every rank's merged outputs: the same on every rank.
+    r".*recommended to use `self.log\('val/.*sync_dist=True\)`.*",
 ]
 
 

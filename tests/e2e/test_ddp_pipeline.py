@@ -67,6 +67,7 @@ def test_tiny_pipeline_on_two_cpu_processes(default_world, tmp_path):
 
     # As users run it (Lightning shares the cores out among the processes): the LM's numbers do not depend on that.
     two = evaluate("mllm", mllm / "checkpoints" / "last.ckpt", configs, tmp_path / "eval-2", devices=2)
+    assert "sync_dist" not in (tmp_path / "eval-2" / "log.txt").read_text(), "no advice to sync identical metrics"
     one = evaluate("mllm", mllm / "checkpoints" / "last.ckpt", configs, tmp_path / "eval-1", devices=1)
     print("\n" + "\n".join(f"{name:<32}{one[name]:>12.6f}{two[name]:>12.6f}" for name in LM_METRICS))
     assert {name: two[name] for name in LM_METRICS} == {name: one[name] for name in LM_METRICS}
