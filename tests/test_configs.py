@@ -77,3 +77,12 @@ def test_every_config_keeping_a_last_checkpoint_saves_it_at_the_end_of_fit():
         for callback in callbacks:
             if callback["class_path"].endswith("ModelCheckpoint") and callback["init_args"].get("save_last"):
                 assert callback["class_path"] == "seed_lightning.callbacks.checkpoint.ModelCheckpoint", path
+
+
+def test_the_paper_configs_run_eager_under_ddp():
+    # Rehearsed on 2 H200s (bench/RESULTS.md, 2026-11-30): stage 2 with compiled heads under DDP did not get
+    # through 8 steps in 150 s (dynamo's DDP graph splitting and recompiles), 87 s eager. Compile under DDP is
+    # opt-in until a rehearsal shows it through.
+    for name in CHAINS["paper"]:
+        config = load(name)
+        assert not config["model"].get("compile", False), name
