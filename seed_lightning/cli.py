@@ -307,7 +307,8 @@ def silence_expected_warnings() -> None:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     # `kill -USR2 PID` prints the stack of every thread of a run that seems hung (e.g. a rank waiting in a collective).
-    faulthandler.register(signal.SIGUSR2, all_threads=True)
+    # Into the process's own stderr: `sys.stderr` may be a stream without a file descriptor (pytest's capture).
+    faulthandler.register(signal.SIGUSR2, file=sys.__stderr__, all_threads=True)
     _configure_logging()
     silence_expected_warnings()
     if not argv or argv[0] in ("-h", "--help"):
