@@ -33,12 +33,12 @@ java:  ## make sure Java (for the caption metrics) is installed
 	  echo "WARNING: could not install Java; caption metrics (pycocoevalcap) will be unavailable"; }
 
 $(DATA)/.complete: | $(VENV)/.installed
-	$(PY) -m seed_lightning.data.synthetic --out $(DATA)
+	$(PY) -m devkit.synthetic --out $(DATA)
 	@touch $@
 
 $(MODELS)/.complete: $(DATA)/.complete
-	$(PY) -m seed_lightning.tiny_models --corpus $(DATA)/corpus.txt --out $(MODELS)
-	$(PY) -m seed_lightning.tiny_clip --data $(DATA) --out $(MODELS)/tiny-clip
+	$(PY) -m devkit.tiny_models --corpus $(DATA)/corpus.txt --out $(MODELS)
+	$(PY) -m devkit.tiny_clip --data $(DATA) --out $(MODELS)/tiny-clip
 	@touch $@
 
 data: $(MODELS)/.complete  ## build the synthetic data set and the tiny local base models

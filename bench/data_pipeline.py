@@ -36,7 +36,7 @@ def _decode_all(args) -> int:
     import torch
 
     torch.set_num_threads(1)  # as in DataLoader workers: one intra-op thread per worker process
-    from seed_lightning.data.transforms import ImageTransform
+    from seed_lightning.core.data.transforms import ImageTransform
 
     transform = ImageTransform(train=True, jpeg_draft=draft)
     rng = random.Random(seed)

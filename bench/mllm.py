@@ -78,9 +78,9 @@ VARIANTS = {
 
 def project(folder: str, batches: list[dict], steps: int, warmup: int, peak: float, max_length: int,
             variant: str, baseline_rate: float, callbacks: tuple = ()) -> None:
-    from seed_lightning.callbacks.throughput import ThroughputCallback
-    from seed_lightning.models.mllm import MultimodalLMConfig
-    from seed_lightning.training.mllm_module import MLLMModule
+    from seed_lightning.core.throughput import ThroughputCallback
+    from seed_lightning.mllm.model import MultimodalLMConfig
+    from seed_lightning.mllm.module import MLLMModule
 
     reset_memory()
     torch._dynamo.reset()
@@ -113,8 +113,8 @@ def baseline(folder: str, batches: list[dict], steps: int, warmup: int, peak: fl
     import peft
     from transformers import AutoTokenizer, OPTForCausalLM
 
-    from seed_lightning.data.packing import build_sample, pad_batch
-    from seed_lightning.models.visual_vocab import VisualVocabulary
+    from seed_lightning.mllm.packing import build_sample, pad_batch
+    from seed_lightning.mllm.visual_vocab import VisualVocabulary
 
     reset_memory()
     tokenizer = AutoTokenizer.from_pretrained(folder)

@@ -29,11 +29,11 @@ def profile(step, name: str, steps: int = 3) -> None:
 def stage1(batch: int) -> None:
     import stage1 as bench1
 
-    from seed_lightning.models.fp8 import convert_linears_to_fp8
-    from seed_lightning.models.tokenizer import SeedTokenizerConfig
-    from seed_lightning.training.losses import contrastive_loss
-    from seed_lightning.training.optim import OptimConfig, build_optimizer
-    from seed_lightning.training.tokenizer_module import TokenizerModule
+    from seed_lightning.core.fp8 import convert_linears_to_fp8
+    from seed_lightning.core.optim import OptimConfig, build_optimizer
+    from seed_lightning.tokenizer.losses import contrastive_loss
+    from seed_lightning.tokenizer.model import SeedTokenizerConfig
+    from seed_lightning.tokenizer.module import TokenizerModule
 
     reset_memory()
     with torch.device("cuda"):
@@ -108,8 +108,8 @@ def stage2(batch: int, batches: int) -> None:
 
     import stage2 as bench2
 
-    from seed_lightning.models.tokenizer import SeedTokenizerConfig
-    from seed_lightning.training.tokenizer_module import TokenizerModule
+    from seed_lightning.tokenizer.model import SeedTokenizerConfig
+    from seed_lightning.tokenizer.module import TokenizerModule
 
     reset_memory()
     generator = torch.Generator().manual_seed(0)

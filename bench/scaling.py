@@ -63,9 +63,9 @@ def strategy_for(name: str, devices: int, comm_hook: str):
 
 
 def stage1_module_and_batches(batch: int, local_rank: int):
-    from seed_lightning.models.tokenizer import SeedTokenizerConfig
-    from seed_lightning.training.optim import OptimConfig
-    from seed_lightning.training.tokenizer_module import TokenizerModule
+    from seed_lightning.core.optim import OptimConfig
+    from seed_lightning.tokenizer.model import SeedTokenizerConfig
+    from seed_lightning.tokenizer.module import TokenizerModule
 
     with torch.device(f"cuda:{local_rank}"):  # random init on this rank's GPU
         module = TokenizerModule(SeedTokenizerConfig(), TEXT_TOKENIZER, stage="contrastive",
@@ -77,8 +77,8 @@ def stage1_module_and_batches(batch: int, local_rank: int):
 
 
 def mllm_module_and_batches(work: Path, local_rank: int):
-    from seed_lightning.models.mllm import MultimodalLMConfig
-    from seed_lightning.training.mllm_module import MLLMModule
+    from seed_lightning.mllm.model import MultimodalLMConfig
+    from seed_lightning.mllm.module import MLLMModule
 
     module = MLLMModule(MultimodalLMConfig(pretrained=str(work / "opt")), max_length=256, packing=True)
     batches = torch.load(work / f"batches-{local_rank % 2}.pt")

@@ -55,10 +55,10 @@ VARIANTS = {
 
 
 def project(batch: int, steps: int, warmup: int, peak: float, extra: dict, variant: str = "default") -> float:
-    from seed_lightning.callbacks.throughput import ThroughputCallback
-    from seed_lightning.models.tokenizer import SeedTokenizerConfig
-    from seed_lightning.training.optim import OptimConfig
-    from seed_lightning.training.tokenizer_module import TokenizerModule
+    from seed_lightning.core.optim import OptimConfig
+    from seed_lightning.core.throughput import ThroughputCallback
+    from seed_lightning.tokenizer.model import SeedTokenizerConfig
+    from seed_lightning.tokenizer.module import TokenizerModule
 
     reset_memory()
     torch._dynamo.reset()

@@ -34,8 +34,8 @@ class EpochTimer(L.Callback):
 
 
 def run(cache: bool, batch: int, batches: int, epochs: int, compile: bool = False) -> list[float]:
-    from seed_lightning.models.tokenizer import SeedTokenizerConfig
-    from seed_lightning.training.tokenizer_module import TokenizerModule
+    from seed_lightning.tokenizer.model import SeedTokenizerConfig
+    from seed_lightning.tokenizer.module import TokenizerModule
 
     reset_memory()
     generator = torch.Generator().manual_seed(0)

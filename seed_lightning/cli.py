@@ -23,7 +23,7 @@ import warnings
 from argparse import ArgumentError
 from pathlib import Path
 
-from seed_lightning.errors import ConfigError, DataError, SeedLightningError
+from seed_lightning.core.errors import ConfigError, DataError, SeedLightningError
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +49,7 @@ commands:
 def link_data_to_model(parser, model_class: type) -> None:
     """What the data must share with the model is set once, on the model: an MLLM's token shards hold
     `model.model.tokens_per_image` codes per image (its tokenizer's queries), so `data.codes_per_image` follows it."""
-    from seed_lightning.training.mllm_module import MLLMModule
+    from seed_lightning.mllm.module import MLLMModule
 
     if issubclass(model_class, MLLMModule):
         parser.link_arguments(
@@ -64,9 +64,9 @@ def _run_lightning_cli(model_class, argv: list[str]) -> None:
     import jsonargparse
     from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
-    from seed_lightning.data.datamodule import ShardDataModule
-    from seed_lightning.preflight import format_cli_error, preflight_config
-    from seed_lightning.training.checkpointing import checked_ckpt_path, checkpoint_dir, resolve_resume_path
+    from seed_lightning.core.checkpointing import checked_ckpt_path, checkpoint_dir, resolve_resume_path
+    from seed_lightning.core.data.datamodule import ShardDataModule
+    from seed_lightning.core.preflight import format_cli_error, preflight_config
 
     # Dataclass field docstrings become --help text.
     jsonargparse.set_parsing_settings(docstring_parse_attribute_docstrings=True)
@@ -146,7 +146,7 @@ def save_run_config(log_dir: str | os.PathLike, text: str) -> None:
     or a new run in the same folder) is written after the earlier file is renamed
     `config.<its time>.yaml`, with one info line: the earlier checkpoints keep their config.
     """
-    from seed_lightning.training.checkpointing import rename_aside
+    from seed_lightning.core.checkpointing import rename_aside
 
     path = Path(log_dir) / RUN_CONFIG
     if path.is_file():
@@ -177,8 +177,8 @@ def _load_models(args: argparse.Namespace):
     """(MultimodalLM, SeedTokenizer) on args.device, in eval mode; one-line errors for missing folders."""
     from transformers.utils import logging as transformers_logging
 
-    from seed_lightning.models.mllm import MultimodalLM
-    from seed_lightning.models.tokenizer import SeedTokenizer
+    from seed_lightning.mllm.model import MultimodalLM
+    from seed_lightning.tokenizer.model import SeedTokenizer
 
     for option, path in (("--mllm", args.mllm), ("--tokenizer", args.tokenizer)):
         if not os.path.isdir(path):
@@ -260,7 +260,7 @@ def _generate_command(argv: list[str]) -> None:
         raise ConfigError(f"--sd {args.sd} does not exist; run make data or pass a Stable Diffusion folder/hub id")
     import torch
 
-    from seed_lightning.models.image_decoder import ImageDecoder
+    from seed_lightning.tokenizer.image_decoder import ImageDecoder
 
     mllm, tokenizer = _load_models(args)
     codes = mllm.generate_image_codes([caption], args.temperature, args.top_k, args.seed)
@@ -317,15 +317,15 @@ def main(argv: list[str] | None = None) -> int:
     command, rest = argv[0], argv[1:]
     try:
         if command == "tokenizer":
-            from seed_lightning.training.tokenizer_module import TokenizerModule
+            from seed_lightning.tokenizer.module import TokenizerModule
 
             _run_lightning_cli(TokenizerModule, rest)
         elif command == "mllm":
-            from seed_lightning.training.mllm_module import MLLMModule
+            from seed_lightning.mllm.module import MLLMModule
 
             _run_lightning_cli(MLLMModule, rest)
         elif command == "extract-tokens":
-            from seed_lightning import extract
+            from seed_lightning.mllm import extract
 
             extract.main(rest)
         elif command in INFERENCE_COMMANDS:

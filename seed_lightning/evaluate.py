@@ -18,11 +18,11 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from seed_lightning.cli import silence_expected_warnings
-from seed_lightning.errors import ConfigError, SeedLightningError
+from seed_lightning.core.errors import ConfigError, SeedLightningError
 
 MODEL_CLASSES = {
-    "tokenizer": "seed_lightning.training.tokenizer_module:TokenizerModule",
-    "mllm": "seed_lightning.training.mllm_module:MLLMModule",
+    "tokenizer": "seed_lightning.tokenizer.module:TokenizerModule",
+    "mllm": "seed_lightning.mllm.module:MLLMModule",
 }
 
 
@@ -50,7 +50,7 @@ def evaluate(
     for config in configs:
         if not Path(config).is_file():
             raise ConfigError(f"config file {config!r} does not exist: pass --config conf/<model>/<name>.yaml")
-    from seed_lightning.training.checkpointing import checkpoint_problem
+    from seed_lightning.core.checkpointing import checkpoint_problem
 
     problem = checkpoint_problem(checkpoint, training_state=False)
     if problem is not None:
@@ -61,10 +61,10 @@ def evaluate(
     from lightning.pytorch.cli import LightningCLI
 
     from seed_lightning.cli import link_data_to_model
-    from seed_lightning.preflight import format_cli_error, preflight_config
+    from seed_lightning.core.preflight import format_cli_error, preflight_config
 
     if datamodule_class is None:
-        from seed_lightning.data.datamodule import ShardDataModule as datamodule_class
+        from seed_lightning.core.data.datamodule import ShardDataModule as datamodule_class
 
     jsonargparse.set_parsing_settings(docstring_parse_attribute_docstrings=True)
 
@@ -96,7 +96,7 @@ def evaluate(
     if cli.trainer.is_global_zero:
         print(format_table(metrics))
         out_path = Path(out) if out is not None else checkpoint.parent / "results.json"
-        from seed_lightning.metrics.captions import write_json_atomic
+        from seed_lightning.mllm.captions import write_json_atomic
 
         write_json_atomic(out_path, {"checkpoint": str(checkpoint), "configs": list(configs), "metrics": metrics})
         print(f"results written to {out_path}")

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from webdataset import TarWriter
 
-from seed_lightning.data.shards import iter_tar_samples
+from seed_lightning.core.data.shards import iter_tar_samples
 
 REPO = Path(__file__).resolve().parents[1]
 CLI = [sys.executable, "-m", "seed_lightning.cli"]
@@ -101,7 +101,7 @@ def assert_same_evaluation(one: Path, two: Path, losses: Sequence[str]) -> dict[
 
 
 CLIP_SCORE_CALLBACK = """\
-    - class_path: seed_lightning.callbacks.clip_score.CLIPScoreCallback
+    - class_path: seed_lightning.tokenizer.clip_score_callback.CLIPScoreCallback
       init_args: {clip_model: data/models/tiny-clip, sd_path: data/models/tiny-sd, num_images: 6,
                   num_inference_steps: 2}"""
 """The CLIP-score callback (with its image grid) as a YAML list item of trainer.callbacks: 6 images, 2 diffusion
@@ -127,9 +127,9 @@ def mllm_overlay(tokenizer: str, tokens: Path, num_codes: int, val_batch_size: i
 trainer:
   enable_progress_bar: false
   callbacks:
-    - class_path: seed_lightning.callbacks.captions.CaptionMetricsCallback
+    - class_path: seed_lightning.mllm.captions_callback.CaptionMetricsCallback
       init_args: {{max_new_tokens: 10}}
-    - class_path: seed_lightning.callbacks.vqa.VQAAccuracyCallback
+    - class_path: seed_lightning.mllm.vqa_callback.VQAAccuracyCallback
       init_args:
         questions: data/synthetic/vqa/questions_val.json
         annotations: data/synthetic/vqa/annotations_val.json

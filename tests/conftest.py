@@ -10,8 +10,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="session")
 def default_world() -> SimpleNamespace:
-    from seed_lightning.data.synthetic import generate
-    from seed_lightning.tiny_models import build_all
+    from devkit.synthetic import generate
+    from devkit.tiny_models import build_all
 
     data, models = REPO / "data" / "synthetic", REPO / "data" / "models"
     if not (data / "stats.json").exists():
@@ -23,7 +23,7 @@ def default_world() -> SimpleNamespace:
 @pytest.fixture
 def no_java(tmp_path, monkeypatch):
     """A PATH without `java` (the answer is cached per process: cleared around the test)."""
-    from seed_lightning.metrics import captions
+    from seed_lightning.mllm import captions
 
     empty = tmp_path / "bin-without-java"
     empty.mkdir()

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from seed_lightning.extract import build_parser
+from seed_lightning.mllm.extract import build_parser
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 CHAINS = {  # (stage 1, stage 2 on top of it, the MLLM on the stage-2 export)
@@ -76,7 +76,7 @@ def test_every_config_keeping_a_last_checkpoint_saves_it_at_the_end_of_fit():
         callbacks = ((yaml.safe_load(path.read_text()) or {}).get("trainer") or {}).get("callbacks") or []
         for callback in callbacks:
             if callback["class_path"].endswith("ModelCheckpoint") and callback["init_args"].get("save_last"):
-                assert callback["class_path"] == "seed_lightning.callbacks.checkpoint.ModelCheckpoint", path
+                assert callback["class_path"] == "seed_lightning.core.model_checkpoint.ModelCheckpoint", path
 
 
 def test_the_paper_configs_run_eager_under_ddp():

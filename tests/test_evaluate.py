@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from seed_lightning.errors import ConfigError
+from seed_lightning.core.errors import ConfigError
 from seed_lightning.evaluate import evaluate, format_table, main
 
 CAPTIONS = ["a red circle at the top", "two blue squares in the middle", "a green star on a gray background"]
@@ -70,7 +70,7 @@ trainer:
   enable_model_summary: false
   default_root_dir: {tmp_path / "eval"}
   callbacks:
-    - class_path: seed_lightning.callbacks.captions.CaptionMetricsCallback
+    - class_path: seed_lightning.mllm.captions_callback.CaptionMetricsCallback
       init_args:
         max_new_tokens: 5
 data:

@@ -5,12 +5,12 @@
 - ``data/cc3m/cc3m-train-0000.tar`` ...: image-text WebDataset shards in the img2dataset layout
   (``KEY.jpg|png``, ``KEY.txt``, ``KEY.json`` with img2dataset's fields; 9-digit keys = shard + index);
 - ``data/coco/images/val2014/COCO_val2014_*.jpg|png`` + ``data/coco/dataset_coco.json`` (Karpathy split file,
-  5 captions per image), converted by the project's ``python -m seed_lightning.data.coco --per-image`` into
+  5 captions per image), converted by the project's ``python -m seed_lightning.core.data.coco --per-image`` into
   ``data/coco/karpathy-val-000000..000004.tar`` (the shards the tokenizer configs validate on);
 - ``data/vqav2/v2_OpenEnded_mscoco_val2014_questions.json`` + ``v2_mscoco_val2014_annotations.json``: VQAv2
   questions (10 human answers each) about the val images (the MLLM config's VQA callback files).
 
-Images are the synthetic shapes world (``seed_lightning.data.synthetic``) drawn at real photo sizes and in the
+Images are the synthetic shapes world (``devkit.synthetic``) drawn at real photo sizes and in the
 modes real crawls have, with sensor-like noise: RGB JPEGs of 500x375, 640x480, 1024x768 and a 375x500 portrait, a greyscale JPEG, RGB,
 RGBA and palette PNGs, a 1600x1200 JPEG.
 """
@@ -27,7 +27,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from seed_lightning.data import synthetic
+from devkit import synthetic
 
 IMAGE_KINDS = (
     # (width, height, PIL mode, format): every 10 consecutive images cycle through these.
@@ -149,7 +149,7 @@ def write_val(out: Path, num_val: int, seed: int, python: str) -> None:
     # Through the project's converter, as a user converts COCO: one sample per image, VAL_SHARDS shards.
     per_shard = -(-num_val // VAL_SHARDS)
     subprocess.run([
-        python, "-m", "seed_lightning.data.coco", "--image-dir", str(coco / "images"), "--annotations", str(karpathy),
+        python, "-m", "seed_lightning.core.data.coco", "--image-dir", str(coco / "images"), "--annotations", str(karpathy),
         "--split", "val", "--per-image", "--out-dir", str(coco), "--prefix", VAL_SHARD_PREFIX,
         "--maxcount", str(per_shard),
     ], check=True)

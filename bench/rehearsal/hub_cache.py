@@ -39,7 +39,7 @@ from pathlib import Path
 import torch
 
 from bench.rehearsal import vocab
-from seed_lightning.tiny_models import _build_once
+from devkit.tiny_models import _build_once
 
 BLIP2 = "Salesforce/blip2-opt-2.7b"
 BERT = "bert-base-uncased"
@@ -332,9 +332,9 @@ def check_cache(scale: str = "full", load_weights: bool = True, device: str = "c
     full size: the rehearsal stages load the weights anyway)."""
     from transformers import AutoTokenizer, CLIPTokenizer
 
-    from seed_lightning.models.causal_qformer import CausalQFormer, CausalQFormerConfig
-    from seed_lightning.models.pretrained import WEIGHTS_INDEX_FILE, load_hf_config, resolve_file
-    from seed_lightning.models.vision import VisionEncoder, VisionEncoderConfig
+    from seed_lightning.core.pretrained import WEIGHTS_INDEX_FILE, load_hf_config, resolve_file
+    from seed_lightning.tokenizer.causal_qformer import CausalQFormer, CausalQFormerConfig
+    from seed_lightning.tokenizer.vision import VisionEncoder, VisionEncoderConfig
 
     dims = SCALES[scale]
     lines = []
@@ -371,8 +371,8 @@ def check_cache(scale: str = "full", load_weights: bool = True, device: str = "c
     sd_tokenizer = CLIPTokenizer.from_pretrained(SD, subfolder="tokenizer")
     expect("SD tokenizer size", len(sd_tokenizer), vocab.CLIP_VOCAB_SIZE)
     if load_weights:
-        from seed_lightning.models.image_decoder import ImageDecoder
-        from seed_lightning.models.sd_text_encoder import SDTextEncoder
+        from seed_lightning.tokenizer.image_decoder import ImageDecoder
+        from seed_lightning.tokenizer.sd_text_encoder import SDTextEncoder
 
         text_encoder = SDTextEncoder.from_pretrained(SD)
         expect("SD text encoder width", text_encoder.hidden_size, 768)
@@ -392,7 +392,7 @@ def check_cache(scale: str = "full", load_weights: bool = True, device: str = "c
            opt.ffn_dim), dims.opt)
     expect("OPT vocab / positions", (opt.vocab_size, opt.max_position_embeddings), (OPT_VOCAB, 2048))
     if load_weights:
-        from seed_lightning.models.mllm import MultimodalLM, MultimodalLMConfig
+        from seed_lightning.mllm.model import MultimodalLM, MultimodalLMConfig
 
         mllm = MultimodalLM(MultimodalLMConfig(pretrained=OPT, lora=None))
         mllm.caption(torch.zeros(1, 32, dtype=torch.long), max_new_tokens=2)
@@ -401,7 +401,7 @@ def check_cache(scale: str = "full", load_weights: bool = True, device: str = "c
     if load_weights:
         from PIL import Image
 
-        from seed_lightning.metrics.clip_score import CLIPScorer
+        from seed_lightning.core.clip_score import CLIPScorer
 
         scorer = CLIPScorer(CLIP)
         scorer.score([Image.new("RGB", (500, 375), (200, 30, 30))], ["a red square"])

@@ -6,7 +6,7 @@ paths land there) it builds the hub cache and the data, then runs the paper conf
 
     hub-cache  random checkpoints in the hub layouts (bench/rehearsal/hub_cache.py)
     resolve    every hub id resolves offline through the project's loaders
-    data       image shards, the Karpathy val shards (via seed_lightning.data.coco), VQAv2 files
+    data       image shards, the Karpathy val shards (via seed_lightning.core.data.coco), VQAv2 files
     stage1     seed-lightning tokenizer fit -c conf/tokenizer/seed_v1.yaml              (+ one validation)
     stage2     ... -c conf/tokenizer/seed_v1-codebook.yaml  (generation loss: SD's text encoder)
     extract    torchrun --nproc_per_node N -m seed_lightning.cli extract-tokens  (train, then val)

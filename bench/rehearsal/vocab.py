@@ -23,8 +23,8 @@ from pathlib import Path
 
 from tokenizers import normalizers, pre_tokenizers
 
-from seed_lightning.data import synthetic
-from seed_lightning.tiny_models import (
+from devkit import synthetic
+from devkit.tiny_models import (
     BERT_SPECIAL_TOKENS,
     CLIP_BOS,
     CLIP_EOS,

@@ -17,9 +17,9 @@ from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from seed_lightning import cli
-from seed_lightning.data.shards import iter_tar_samples
-from seed_lightning.models.mllm import MultimodalLM, MultimodalLMConfig
-from tests.test_extract import save_tokenizer
+from seed_lightning.core.data.shards import iter_tar_samples
+from seed_lightning.mllm.model import MultimodalLM, MultimodalLMConfig
+from tests.mllm.test_extract import save_tokenizer
 
 REPO = Path(__file__).resolve().parents[2]
 DATA = REPO / "data" / "synthetic"

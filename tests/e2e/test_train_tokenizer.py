@@ -8,9 +8,9 @@ import pytest
 import torch
 from PIL import Image
 
-from seed_lightning.data.datamodule import ShardDataModule
-from seed_lightning.metrics.retrieval import retrieval_recall
-from seed_lightning.models.tokenizer import SeedTokenizer
+from seed_lightning.core.data.datamodule import ShardDataModule
+from seed_lightning.tokenizer.model import SeedTokenizer
+from seed_lightning.tokenizer.retrieval import retrieval_recall
 from tests.cli_runs import CLI, run_ok
 
 

@@ -10,9 +10,9 @@ import torch
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from seed_lightning.errors import ConfigError
-from seed_lightning.training import checkpointing
-from seed_lightning.training.checkpointing import AtomicCheckpointIO, checkpoint_problem, resolve_resume_path
+from seed_lightning.core import checkpointing
+from seed_lightning.core.checkpointing import AtomicCheckpointIO, checkpoint_problem, resolve_resume_path
+from seed_lightning.core.errors import ConfigError
 
 
 def training_state(step: int, size: int = 16) -> dict:

@@ -10,9 +10,9 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
-from seed_lightning.errors import ConfigError
-from seed_lightning.training.checkpointing import checkpoint_problem
-from seed_lightning.training.nonfinite import (
+from seed_lightning.core.checkpointing import checkpoint_problem
+from seed_lightning.core.errors import ConfigError
+from seed_lightning.core.nonfinite import (
     NONFINITE_EXIT_CODE,
     SKIPPED_STEPS_METRIC,
     NonFiniteGuard,

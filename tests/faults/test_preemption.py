@@ -16,9 +16,9 @@ import torch
 from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from seed_lightning.callbacks.preemption import PREEMPTED_EXIT_CODE, PreemptionCheckpoint, RunPreempted
-from seed_lightning.errors import ConfigError
-from seed_lightning.training.checkpointing import AtomicCheckpointIO, checkpoint_problem, resolve_resume_path
+from seed_lightning.core.checkpointing import AtomicCheckpointIO, checkpoint_problem, resolve_resume_path
+from seed_lightning.core.errors import ConfigError
+from seed_lightning.core.preemption import PREEMPTED_EXIT_CODE, PreemptionCheckpoint, RunPreempted
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 

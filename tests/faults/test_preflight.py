@@ -9,9 +9,9 @@ import yaml
 from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import LightningCLI
 
-from seed_lightning import preflight
-from seed_lightning.errors import ConfigError
-from seed_lightning.preflight import (
+from seed_lightning.core import preflight
+from seed_lightning.core.errors import ConfigError
+from seed_lightning.core.preflight import (
     check_accelerator,
     check_free_disk,
     check_output_dir,
@@ -220,8 +220,8 @@ def mllm_run(default_world, tmp_path, monkeypatch):
     """`write(**changes)` writes conf/mllm/tiny.yaml with local tokenizer, shards and output folders (plus the
     changes: callback init_args by class name, model keys) and returns `seed-lightning mllm fit` arguments.
     Building the LM raises ModelBuilt."""
-    from seed_lightning.training import mllm_module
-    from tests.training.test_mllm_module import NUM_CODES, tiny_tokenizer_dir, token_shard
+    from seed_lightning.mllm import module as mllm_module
+    from tests.mllm.test_module import NUM_CODES, tiny_tokenizer_dir, token_shard
 
     def build(*args, **kwargs):
         raise ModelBuilt

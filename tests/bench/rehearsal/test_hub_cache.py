@@ -1,6 +1,6 @@
 """The tiny hub cache: the hub layouts, and every hub id the paper configs name resolving offline through the
-project's own loaders (pretrained.py, vision.py, causal_qformer.py, sd_text_encoder.py, image_decoder.py,
-mllm.py, metrics/clip_score.py)."""
+project's own loaders (core/pretrained.py, tokenizer/vision.py, causal_qformer.py, sd_text_encoder.py,
+image_decoder.py, mllm/model.py, core/clip_score.py)."""
 
 import json
 import os

@@ -1,0 +1,304 @@
+"""MLLMModule: what trains, packing equivalence, the text/image loss split, sample mixing, checkpoints.
+
+Uses the tiny OPT and tiny BLIP-2 folders that `make data` builds (random weights, offline).
+"""
+
+import json
+import random
+from types import SimpleNamespace
+
+import lightning as L
+import pytest
+from tests.resume_helpers import assert_resume_reproduces, fit_recording, resume_callbacks
+import torch
+import torch.nn.functional as F
+
+from seed_lightning.core.errors import ConfigError
+from seed_lightning.core.optim import build_optimizer
+from seed_lightning.mllm.model import LoraSettings, MultimodalLMConfig
+from seed_lightning.mllm.module import SEED_TOKENIZER_PREFIX, MLLMModule, VQATrainMix, token_losses
+from seed_lightning.mllm.packing import IGNORE_INDEX
+from seed_lightning.tokenizer.causal_qformer import CausalQFormerConfig
+from seed_lightning.tokenizer.heads import GenerationHeadConfig, ReconstructionHeadConfig
+from seed_lightning.tokenizer.model import SeedTokenizer, SeedTokenizerConfig
+from seed_lightning.tokenizer.vision import VisionEncoderConfig
+
+pytestmark = pytest.mark.usefixtures("default_world")  # the tiny model folders below
+
+TINY_OPT = "data/models/tiny-opt"
+TINY_BLIP2 = "data/models/tiny-blip2"
+NUM_CODES = 64
+CAPTIONS = ["two large orange stars on a gray background", "a small red circle at the top",
+            "three blue squares", "a green cross in the middle on a white background"]
+
+
+def tiny_tokenizer_dir(directory, num_codes: int = NUM_CODES) -> str:
+    """A random SeedTokenizer on the tiny BLIP-2 folder (32 queries), saved like `make train-tokenizer` does."""
+    torch.manual_seed(0)
+    config = SeedTokenizerConfig(
+        vision=VisionEncoderConfig(pretrained=TINY_BLIP2),
+        qformer=CausalQFormerConfig(pretrained=TINY_BLIP2),
+        num_codes=num_codes,
+        recon_head=ReconstructionHeadConfig(depth=1, num_heads=4),
+        gen_head=GenerationHeadConfig(depth=1, num_heads=4, qformer_layers=2, out_dim=64),
+    )
+    SeedTokenizer.from_config(config).save(directory)
+    return str(directory)
+
+
+def make_module(lora: LoraSettings | None = None, **overrides) -> MLLMModule:
+    model = MultimodalLMConfig(pretrained=TINY_OPT, num_visual_codes=NUM_CODES, lora=lora,
+                               **overrides.pop("model_overrides", {}))
+    torch.manual_seed(0)
+    return MLLMModule(model=model, **overrides)
+
+
+def token_batch(num_images: int = 4, seed: int = 0, image_ids: list[int] | None = None) -> dict:
+    generator = torch.Generator().manual_seed(seed)
+    return {
+        "codes": torch.randint(0, NUM_CODES, (num_images, 32), generator=generator),
+        "caption": [CAPTIONS[i % len(CAPTIONS)] for i in range(num_images)],
+        "key": [f"{i:06d}" for i in range(num_images)],
+        "meta": [{"image_id": (image_ids or list(range(num_images)))[i]} for i in range(num_images)],
+    }
+
+
+def token_shard(directory, num_images: int = 24) -> str:
+    """A train token shard of random codes and the CAPTIONS; returns its path."""
+    from seed_lightning.mllm.tokens import TokenShardWriter
+
+    generator = torch.Generator().manual_seed(0)
+    with TokenShardWriter(directory, prefix="train", maxcount=100) as writer:
+        for i in range(num_images):
+            writer.write(f"{i:06d}", torch.randint(0, NUM_CODES, (32,), generator=generator), CAPTIONS[i % 4])
+    return str(directory / "train-000000.tar")
+
+
+def token_data(shard: str, batch_size: int, samples_per_epoch: int):
+    """A ShardDataModule over one token shard, no workers."""
+    from seed_lightning.core.data.datamodule import ShardDataModule, ShardSource
+
+    return ShardDataModule(train=[ShardSource(urls=shard)], kind="codes", batch_size=batch_size, num_workers=0,
+                           samples_per_epoch=samples_per_epoch, shuffle_buffer=8)
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir(tmp_path_factory):
+    return tiny_tokenizer_dir(tmp_path_factory.mktemp("seed-tokenizer"))
+
+
+def test_only_lora_and_configured_modules_enter_the_optimiser(tokenizer_dir):
+    module = make_module(LoraSettings(r=4, alpha=8, dropout=0.0), tokenizer=tokenizer_dir)
+    optimizer = build_optimizer(module, module.optim_config)
+    optimised = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    names = {name for name, p in module.named_parameters() if id(p) in optimised}
+    assert names, "something must train"
+    assert all("lora_" in name or "modules_to_save" in name for name in names), sorted(names)[:5]
+    assert any("lora_A" in name for name in names) and any("embed_tokens" in name for name in names)
+    assert not any(name.startswith(SEED_TOKENIZER_PREFIX) for name in names)
+    frozen_base = [name for name, p in module.named_parameters() if "base_layer" in name]
+    assert frozen_base and not any(name in names for name in frozen_base)
+    module.train()
+    assert not module.seed_tokenizer.training, "the frozen image tokenizer stays in eval mode"
+
+
+def test_packed_and_padded_rows_give_the_same_per_sample_losses():
+    module = make_module().eval()
+    samples, _ = module.build_samples(token_batch(6), random.Random(0))
+    with torch.no_grad():
+        packed_rows = module.collate(samples)
+        packed = module.batch_losses(packed_rows)
+        module.hparams.packing = False
+        padded_rows = module.collate(samples)
+        padded = module.batch_losses(padded_rows)
+    assert packed_rows.input_ids.shape[0] < padded_rows.input_ids.shape[0], "packing must share rows"
+    for segment in range(1, len(samples) + 1):
+        torch.testing.assert_close(packed.token_losses[packed_rows.segment_ids == segment],
+                                   padded.token_losses[padded_rows.segment_ids == segment], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(packed.loss, padded.loss, atol=1e-5, rtol=1e-5)
+    assert (packed.num_text, packed.num_image) == (padded.num_text, padded.num_image)
+
+
+def test_text_and_image_losses_split_by_target_token():
+    module = make_module().eval()
+    samples, _ = module.build_samples(token_batch(4), random.Random(3))
+    with torch.no_grad():
+        breakdown = module.batch_losses(module.collate(samples))
+        text, image = [], []
+        for ids, is_image in samples:  # each sample alone, cross-entropy written out by hand
+            logits = module.mllm(ids[None]).logits[0]
+            losses = -F.log_softmax(logits[:-1], dim=-1).gather(1, ids[1:, None])[:, 0]
+            image.append(losses[is_image[1:]])
+            text.append(losses[~is_image[1:]])
+            # Hugging Face's own loss on the sample agrees with the total over its tokens
+            torch.testing.assert_close(module.mllm(ids[None], labels=ids[None]).loss, losses.mean())
+    text, image = torch.cat(text), torch.cat(image)
+    assert breakdown.num_image == len(image) == 32 * len(samples)
+    assert breakdown.num_text == len(text)
+    torch.testing.assert_close(breakdown.image_loss, image.mean(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(breakdown.text_loss, text.mean(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(breakdown.loss, torch.cat([text, image]).mean(), atol=1e-5, rtol=1e-5)
+
+
+def test_token_losses_ignore_pads_and_the_first_position():
+    logits = torch.randn(1, 4, 10)
+    labels = torch.tensor([[IGNORE_INDEX, 3, IGNORE_INDEX, 7]])
+    losses = token_losses(logits, labels)
+    assert losses[0, 0] == 0 and losses[0, 2] == 0
+    torch.testing.assert_close(losses[0, 3], F.cross_entropy(logits[0, 2], torch.tensor(7)))
+
+
+def test_sample_kinds_follow_the_configured_mix(tmp_path):
+    batch = token_batch(8)
+    to_text = make_module(p_image_to_text=1.0)
+    visual = to_text.mllm.visual
+    for ids, _ in to_text.build_samples(batch, random.Random(0))[0]:
+        assert ids[1] == visual.begin_image_id, "image-to-text samples start with <img> after BOS"
+    to_image = make_module(p_image_to_text=0.0)
+    for ids, _ in to_image.build_samples(batch, random.Random(0))[0]:
+        assert ids[1] != visual.begin_image_id and ids[-2] == visual.end_image_id
+
+    questions = {"questions": [{"question_id": 1, "image_id": 0, "question": "how many stars are there?"}]}
+    annotations = {"annotations": [{"question_id": 1, "image_id": 0, "answer_type": "number", "question_type": "how",
+                                    "multiple_choice_answer": "2", "answers": [{"answer": "2"}] * 10}]}
+    (tmp_path / "q.json").write_text(json.dumps(questions))
+    (tmp_path / "a.json").write_text(json.dumps(annotations))
+    mixed = make_module(vqa_train=VQATrainMix(str(tmp_path / "q.json"), str(tmp_path / "a.json"), probability=1.0))
+    samples, prompt_lengths = mixed.build_samples(batch, random.Random(0))
+    tokenizer = mixed.mllm.tokenizer
+    text_start = 2 + 32 + 1  # BOS <img> codes </img>
+    first = tokenizer.decode(samples[0][0][text_start:-1])
+    assert first == "Question: how many stars are there? Answer: 2"
+    # The prompt part is token-for-token what MultimodalLM.answer feeds at inference.
+    prompt = mixed.mllm.text_ids("Question: how many stars are there? Answer:")
+    assert samples[0][0][text_start:text_start + len(prompt)].tolist() == prompt
+    assert all("Question" not in tokenizer.decode(ids) for ids, _ in samples[1:]), "only image 0 has questions"
+    # Loss on the answer (and EOS) only: the question must not become the LM's continuation of `</img>`.
+    assert prompt_lengths[0] == text_start + len(prompt) and prompt_lengths[1:] == [0] * 7
+    rows = mixed.collate(samples, prompt_lengths)
+    first_sample = rows.segment_ids == 1
+    targets = rows.input_ids[first_sample & (rows.labels != IGNORE_INDEX)]
+    assert tokenizer.decode(targets) == " 2</s>"
+    caption_sample = rows.segment_ids == 2
+    assert (rows.labels[caption_sample] != IGNORE_INDEX).sum() == caption_sample.sum() - 1
+
+
+def test_all_captions_draws_among_the_reference_captions():
+    batch = token_batch(1)
+    batch["meta"][0]["captions"] = ["A first, caption.", "a second caption"]
+    module = make_module(p_image_to_text=1.0)
+    seen = {module.mllm.tokenizer.decode(module.build_samples(batch, random.Random(seed))[0][0][0][35:-1]).strip()
+            for seed in range(20)}
+    assert seen == {"a first, caption", "a second caption"}, "cleaned like the data pipeline cleans KEY.txt"
+
+
+def test_codebook_size_mismatch_is_a_config_error(tmp_path):
+    directory = tiny_tokenizer_dir(tmp_path / "tok", num_codes=NUM_CODES * 2)
+    with pytest.raises(ConfigError, match="num_visual_codes"):
+        make_module(tokenizer=directory)
+
+
+def test_gradient_checkpointing_with_lora_trains_the_adapters():
+    module = make_module(LoraSettings(r=4, alpha=8, dropout=0.0), model_overrides={"gradient_checkpointing": True})
+    module.train()
+    rows = module.collate(*module.build_samples(token_batch(2), random.Random(0)))
+    module.batch_losses(rows).loss.backward()
+    lora_grads = [p.grad for name, p in module.named_parameters() if "lora_B" in name]
+    assert lora_grads and all(g is not None for g in lora_grads)
+    assert any(g.abs().sum() > 0 for g in lora_grads)
+    assert all(p.grad is None for name, p in module.named_parameters() if "base_layer" in name)
+
+
+def test_checkpoints_leave_out_the_frozen_image_tokenizer(tokenizer_dir):
+    module = make_module(tokenizer=tokenizer_dir)
+    checkpoint = {"state_dict": module.state_dict()}
+    module.on_save_checkpoint(checkpoint)
+    assert not any(name.startswith(SEED_TOKENIZER_PREFIX) for name in checkpoint["state_dict"])
+    module.on_load_checkpoint(checkpoint)
+    module.load_state_dict(checkpoint["state_dict"], strict=True)
+
+
+@pytest.mark.slow
+def test_interrupted_and_resumed_fit_reproduces_the_uninterrupted_losses(tmp_path):
+    shard = token_shard(tmp_path / "tokens")
+
+    def run(root, crash_at=None, ckpt_path=None):
+        L.seed_everything(0)
+        trainer = L.Trainer(
+            accelerator="cpu", max_steps=5, limit_val_batches=0, logger=False, enable_progress_bar=False,
+            enable_model_summary=False, deterministic=True, default_root_dir=root,
+            callbacks=resume_callbacks(root, crash_at),
+        )
+        # 3 batches an epoch: the crash is mid-epoch
+        data = token_data(shard, batch_size=4, samples_per_epoch=12)
+        module = make_module(max_length=128)
+        return fit_recording(trainer, lambda t: t.fit(module, datamodule=data, ckpt_path=ckpt_path))
+
+    assert_resume_reproduces(run, tmp_path)
+
+
+def set_up(module: MLLMModule, precision: str, strategy=None) -> MLLMModule:
+    """Run the Trainer's `setup` hook (frozen dtype, compilation) on a module outside fit."""
+    if strategy is None:
+        module.trainer = L.Trainer(accelerator="cpu", devices=1, precision=precision, logger=False,
+                                   enable_progress_bar=False, enable_model_summary=False)
+    else:  # Lightning builds FSDP only with GPUs; setup reads just these two attributes
+        module._trainer = SimpleNamespace(precision=precision, strategy=strategy)
+    module.setup("fit")
+    return module
+
+
+def test_frozen_weights_are_held_in_bf16_under_bf16_precision_and_generation_still_runs():
+    module = set_up(make_module(lora=LoraSettings(r=4, alpha=8)), "bf16-mixed")
+    dtypes = {p.requires_grad: set() for p in module.parameters()}
+    for parameter in module.parameters():
+        dtypes[parameter.requires_grad].add(parameter.dtype)
+    assert dtypes == {True: {torch.float32}, False: {torch.bfloat16}}
+    assert module.mllm.compute_dtype == torch.bfloat16
+    module.log = lambda *args, **kwargs: None
+    with torch.autocast("cpu", torch.bfloat16):
+        loss = module.training_step(token_batch(), 0)
+    loss.backward()
+    lora_grads = [p.grad for n, p in module.named_parameters() if "lora_B" in n]  # lora_A's is 0 while B is 0
+    assert lora_grads and all(g is not None and g.abs().sum() > 0 for g in lora_grads)
+    # Outside autocast (as the generation callbacks run), mixed weights still generate.
+    captions = module.mllm.caption(token_batch(2)["codes"], max_new_tokens=3)
+    assert len(captions) == 2
+
+
+def test_lora_adapters_take_their_input_as_it_comes():
+    # peft would copy every projection input to fp32 (the adapters' dtype); autocast casts it back anyway.
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    layers = [m for m in make_module(lora=LoraSettings(r=4, alpha=8)).modules() if isinstance(m, BaseTunerLayer)]
+    assert layers and not any(layer.cast_input_dtype_enabled for layer in layers)
+
+
+def test_fp32_precision_and_full_fine_tuning_keep_fp32_weights():
+    assert {p.dtype for p in set_up(make_module(lora=LoraSettings(r=4, alpha=8)), "32-true").parameters()} == {torch.float32}
+    assert {p.dtype for p in set_up(make_module(lora=None), "bf16-mixed").parameters()} == {torch.float32}
+
+
+def test_fsdp_with_lora_keeps_frozen_weights_fp32_and_rejects_bf16():
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    module = set_up(make_module(lora=LoraSettings(r=4, alpha=8)), "bf16-mixed", FSDPStrategy())
+    assert {p.dtype for p in module.parameters()} == {torch.float32}
+    with pytest.raises(ConfigError, match="FSDP"):
+        set_up(make_module(lora=LoraSettings(r=4, alpha=8), frozen_dtype="bfloat16"), "bf16-mixed", FSDPStrategy())
+
+
+def test_compile_compiles_every_decoder_layer():
+    module = set_up(make_module(lora=LoraSettings(r=4, alpha=8), compile=True), "32-true")
+    layers = module.mllm.decoder_layers()
+    assert len(layers) == module.mllm.model.get_base_model().config.num_hidden_layers
+    assert all(layer._compiled_call_impl is not None for layer in layers)
+    # Generation (new shapes every decoding step) runs the layers eagerly, never through the compiler.
+    compiled_calls = []
+    for layer in layers:
+        layer.compile(backend=lambda graph, inputs: compiled_calls.append(1) or graph)
+    assert len(module.mllm.caption(token_batch(2)["codes"], max_new_tokens=2)) == 2
+    assert compiled_calls == []
+    module.log = lambda *args, **kwargs: None
+    module.training_step(token_batch(), 0)  # training does go through the compiled layers
+    assert compiled_calls
