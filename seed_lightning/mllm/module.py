@@ -24,7 +24,6 @@ import torch
 import torch.nn.functional as F
 
 from seed_lightning.core.config import as_config, plain_hyperparameters
-from seed_lightning.core.data.coco import read_vqa
 from seed_lightning.core.data.text import clean_caption
 from seed_lightning.core.distributed import ValSetMean
 from seed_lightning.core.errors import ConfigError
@@ -35,6 +34,7 @@ from seed_lightning.core.pretrained import WEIGHTS_FILE
 from seed_lightning.core.rng import restore_rng_states, save_rng_states
 from seed_lightning.mllm.model import MultimodalLM, MultimodalLMConfig
 from seed_lightning.mllm.packing import IGNORE_INDEX, PackedBatch, build_sample, pack_samples, pad_batch
+from seed_lightning.mllm.vqa import read_vqa
 from seed_lightning.tokenizer.model import CONFIG_FILE, SeedTokenizer
 
 log = logging.getLogger(__name__)

@@ -28,8 +28,66 @@ from decimal import ROUND_HALF_UP, Decimal
 from pathlib import Path
 from typing import Any
 
+from seed_lightning.core.data.coco import load_json, required_field
 from seed_lightning.core.errors import DataError
 from seed_lightning.mllm.captions import write_json_atomic
+
+
+@dataclass
+class VQARecord:
+    """One VQAv2 question, with its 10 human answers when annotations were given."""
+
+    question_id: int
+    image_id: int
+    question: str
+    answers: list[str] = field(default_factory=list)
+    answer_type: str | None = None
+    question_type: str | None = None
+    multiple_choice_answer: str | None = None
+
+
+def read_vqa(questions_path: str | Path, annotations_path: str | Path | None = None) -> list[VQARecord]:
+    """VQAv2 questions (+ annotations) -> records in question-file order.
+
+    Raises DataError for unreadable JSON, entries lacking a field, or question and annotation files whose question
+    ids (or their image ids) differ. Without annotations (test-dev) the answer fields stay empty.
+    """
+    questions = required_field(load_json(questions_path, "VQA questions file"), "questions", str(questions_path))
+    records = []
+    for position, entry in enumerate(questions):
+        where = f"{questions_path}: questions[{position}]"
+        fields = (required_field(entry, key, where) for key in ("question_id", "image_id", "question"))
+        records.append(VQARecord(*fields))
+    if annotations_path is None:
+        return records
+    annotations_file = load_json(annotations_path, "VQA annotations file")
+    annotations = required_field(annotations_file, "annotations", str(annotations_path))
+    by_question: dict[int, dict] = {}
+    for position, entry in enumerate(annotations):
+        by_question[required_field(entry, "question_id", f"{annotations_path}: annotations[{position}]")] = entry
+    question_ids = {record.question_id for record in records}
+    if question_ids != by_question.keys():
+        only_questions = sorted(question_ids - by_question.keys())
+        only_annotations = sorted(by_question.keys() - question_ids)
+        raise DataError(
+            f"VQA questions and annotations do not match: {len(only_questions)} question ids only in"
+            f" {questions_path} (e.g. {only_questions[:3]}), {len(only_annotations)} only in {annotations_path}"
+            f" (e.g. {only_annotations[:3]}); use files of the same split"
+        )
+    for record in records:
+        entry = by_question[record.question_id]
+        where = f"{annotations_path}: annotation of question {record.question_id}"
+        if required_field(entry, "image_id", where) != record.image_id:
+            raise DataError(
+                f"{where} has image_id {entry['image_id']} but the question has {record.image_id}: mismatched files"
+            )
+        answers = required_field(entry, "answers", where)
+        record.answers = [required_field(answer, "answer", f"{where}.answers") for answer in answers]
+        record.answer_type = required_field(entry, "answer_type", where)
+        record.question_type = required_field(entry, "question_type", where)
+        record.multiple_choice_answer = required_field(entry, "multiple_choice_answer", where)
+    return records
+
 
 # Data tables of the official evaluation, verbatim (keys with capitals can never match: answers are
 # lower-cased before the lookup; kept so the table stays the official one).

@@ -6,7 +6,6 @@ from typing import Any
 
 import lightning as L
 
-from seed_lightning.core.data.coco import read_vqa
 from seed_lightning.core.errors import DataError
 from seed_lightning.core.preflight import check_files
 from seed_lightning.core.validation import (
@@ -16,7 +15,7 @@ from seed_lightning.core.validation import (
     require_attribute,
 )
 from seed_lightning.mllm.captions import write_json_atomic
-from seed_lightning.mllm.vqa import majority_answer_baseline, vqa_accuracy, write_vqa_results
+from seed_lightning.mllm.vqa import majority_answer_baseline, read_vqa, vqa_accuracy, write_vqa_results
 
 
 def _metric_suffix(answer_type: str) -> str:

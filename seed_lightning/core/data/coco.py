@@ -1,4 +1,5 @@
-"""COCO captions / Karpathy split files -> image shards (the layout ShardDataModule reads), and VQAv2 readers.
+"""COCO captions / Karpathy split files -> image shards (the layout ShardDataModule reads), and the annotation-file
+helpers (`load_json`, `required_field`) that the VQAv2 reader (`seed_lightning.mllm.vqa.read_vqa`) shares.
 
     python -m seed_lightning.core.data.coco --image-dir coco/images --annotations dataset_coco.json \
         --split test --per-image --out-dir data/coco/shards --prefix coco-karpathy-test
@@ -15,7 +16,7 @@ import io
 import json
 import sys
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -45,20 +46,7 @@ class CaptionedImage:
     height: int | None = None
 
 
-@dataclass
-class VQARecord:
-    """One VQAv2 question, with its 10 human answers when annotations were given."""
-
-    question_id: int
-    image_id: int
-    question: str
-    answers: list[str] = field(default_factory=list)
-    answer_type: str | None = None
-    question_type: str | None = None
-    multiple_choice_answer: str | None = None
-
-
-def _load_json(path: str | Path, what: str) -> Any:
+def load_json(path: str | Path, what: str) -> Any:
     try:
         with open(path, encoding="utf-8") as file:
             return json.load(file)
@@ -68,7 +56,7 @@ def _load_json(path: str | Path, what: str) -> Any:
         raise DataError(f"{what} {str(path)!r} is not valid JSON ({error}); re-download or fix the file") from None
 
 
-def _field(entry: dict, key: str, where: str) -> Any:
+def required_field(entry: dict, key: str, where: str) -> Any:
     if not isinstance(entry, dict) or key not in entry:
         raise DataError(f"{where} lacks {key!r}: is it the right kind of annotation file?")
     return entry[key]
@@ -83,7 +71,7 @@ def read_caption_annotations(
     `split` (Karpathy only) keeps the listed comma-separated splits, e.g. "train,restval". Images without any
     caption are left out. Order: as in the file.
     """
-    data = _load_json(annotations, "annotation file")
+    data = load_json(annotations, "annotation file")
     images = data.get("images") if isinstance(data, dict) else None
     if not isinstance(images, list):
         raise DataError(
@@ -101,11 +89,12 @@ def _coco_images(data: dict, images: list, image_dir: Path, name: str) -> list[C
     captions: dict[int, list[str]] = {}
     for position, annotation in enumerate(data["annotations"]):
         where = f"{name}: annotations[{position}]"
-        captions.setdefault(_field(annotation, "image_id", where), []).append(_field(annotation, "caption", where))
+        image_id = required_field(annotation, "image_id", where)
+        captions.setdefault(image_id, []).append(required_field(annotation, "caption", where))
     records = []
     for position, image in enumerate(images):
         where = f"{name}: images[{position}]"
-        image_id, file_name = _field(image, "id", where), _field(image, "file_name", where)
+        image_id, file_name = required_field(image, "id", where), required_field(image, "file_name", where)
         if image_id in captions:
             size = image.get("width"), image.get("height")
             records.append(CaptionedImage(image_id, image_dir / file_name, file_name, captions[image_id], *size))
@@ -119,12 +108,13 @@ def _karpathy_images(images: list, image_dir: Path, split: str | None, name: str
     records = []
     for position, image in enumerate(images):
         where = f"{name}: images[{position}]"
-        if wanted is not None and _field(image, "split", where) not in wanted:
+        if wanted is not None and required_field(image, "split", where) not in wanted:
             continue
-        file_name = _field(image, "filename", where)
+        file_name = required_field(image, "filename", where)
         relative = Path(image.get("filepath", "")) / file_name
-        image_id = image["cocoid"] if "cocoid" in image else _field(image, "imgid", where)
-        captions = [_field(sentence, "raw", f"{where}.sentences") for sentence in _field(image, "sentences", where)]
+        image_id = image["cocoid"] if "cocoid" in image else required_field(image, "imgid", where)
+        sentences = required_field(image, "sentences", where)
+        captions = [required_field(sentence, "raw", f"{where}.sentences") for sentence in sentences]
         if captions:
             records.append(CaptionedImage(image_id, image_dir / relative, str(relative), captions))
     return records
@@ -217,7 +207,7 @@ def coco_to_shards(
         )
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     report = ConversionReport(shards=[], images=0, samples=0, reencoded=Counter(), failures=[])
-    import webdataset  # only the converter writes shards: readers (read_vqa) need no webdataset
+    import webdataset  # only the converter writes shards: readers need no webdataset
 
     with webdataset.ShardWriter(
         str(Path(out_dir) / f"{prefix}-%06d.tar"), maxcount=maxcount, post=report.shards.append, verbose=0, mtime=0.0
@@ -250,46 +240,6 @@ def coco_to_shards(
         raise DataError(f"none of the {len(records)} images could be read by PIL, e.g. {path!r} ({why}): "
                         "check --image-dir and the image files")
     return report
-
-
-def read_vqa(questions_path: str | Path, annotations_path: str | Path | None = None) -> list[VQARecord]:
-    """VQAv2 questions (+ annotations) -> records in question-file order.
-
-    Raises DataError for unreadable JSON, entries lacking a field, or question and annotation files whose question
-    ids (or their image ids) differ. Without annotations (test-dev) the answer fields stay empty.
-    """
-    questions = _field(_load_json(questions_path, "VQA questions file"), "questions", str(questions_path))
-    records = []
-    for position, entry in enumerate(questions):
-        where = f"{questions_path}: questions[{position}]"
-        records.append(VQARecord(*(_field(entry, key, where) for key in ("question_id", "image_id", "question"))))
-    if annotations_path is None:
-        return records
-    annotations = _field(_load_json(annotations_path, "VQA annotations file"), "annotations", str(annotations_path))
-    by_question: dict[int, dict] = {}
-    for position, entry in enumerate(annotations):
-        by_question[_field(entry, "question_id", f"{annotations_path}: annotations[{position}]")] = entry
-    question_ids = {record.question_id for record in records}
-    if question_ids != by_question.keys():
-        only_questions = sorted(question_ids - by_question.keys())
-        only_annotations = sorted(by_question.keys() - question_ids)
-        raise DataError(
-            f"VQA questions and annotations do not match: {len(only_questions)} question ids only in"
-            f" {questions_path} (e.g. {only_questions[:3]}), {len(only_annotations)} only in {annotations_path}"
-            f" (e.g. {only_annotations[:3]}); use files of the same split"
-        )
-    for record in records:
-        entry = by_question[record.question_id]
-        where = f"{annotations_path}: annotation of question {record.question_id}"
-        if _field(entry, "image_id", where) != record.image_id:
-            raise DataError(
-                f"{where} has image_id {entry['image_id']} but the question has {record.image_id}: mismatched files"
-            )
-        record.answers = [_field(answer, "answer", f"{where}.answers") for answer in _field(entry, "answers", where)]
-        record.answer_type = _field(entry, "answer_type", where)
-        record.question_type = _field(entry, "question_type", where)
-        record.multiple_choice_answer = _field(entry, "multiple_choice_answer", where)
-    return records
 
 
 def main(argv: list[str] | None = None) -> int:

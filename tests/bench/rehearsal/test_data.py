@@ -5,8 +5,8 @@ from collections import Counter
 from PIL import Image
 
 from bench.rehearsal import data
-from seed_lightning.core.data.coco import read_vqa
 from seed_lightning.core.data.shards import expand_urls, iter_tar_samples
+from seed_lightning.mllm.vqa import read_vqa
 
 
 def test_generated_data_sits_where_the_paper_configs_read_it(tmp_path):

@@ -6,7 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
-from seed_lightning.core.data.coco import coco_to_shards, main, read_vqa
+from seed_lightning.core.data.coco import coco_to_shards, main
 from seed_lightning.core.data.datamodule import ShardDataModule
 from seed_lightning.core.data.shards import decode_image_sample, iter_tar_samples
 from seed_lightning.core.data.transforms import ImageTransform
@@ -207,57 +207,3 @@ def test_converter_fails_when_no_image_can_be_read(tmp_path):
     with pytest.raises(DataError, match="none of the 1 images could be read by PIL.*a.gif"):
         coco_to_shards(tmp_path / "images", annotations, tmp_path / "out")
     assert list((tmp_path / "out").iterdir()) == []
-
-
-def vqa_files(tmp_path, question_ids=(5, 6), annotation_ids=(5, 6)):
-    questions = write_json(
-        tmp_path / "questions.json",
-        {"questions": [{"question_id": q, "image_id": q * 10, "question": f"What is {q}?"} for q in question_ids]},
-    )
-    annotations = write_json(
-        tmp_path / "annotations.json",
-        {
-            "annotations": [
-                {
-                    "question_id": q,
-                    "image_id": q * 10,
-                    "question_type": "what is",
-                    "answer_type": "other",
-                    "multiple_choice_answer": f"thing{q}",
-                    "answers": [
-                        {"answer": f"thing{q}", "answer_confidence": "yes", "answer_id": i + 1} for i in range(10)
-                    ],
-                }
-                for q in annotation_ids
-            ]
-        },
-    )
-    return questions, annotations
-
-
-def test_read_vqa_joins_questions_and_answers(tmp_path):
-    records = read_vqa(*vqa_files(tmp_path))
-    assert [(r.question_id, r.image_id, r.question) for r in records] == [(5, 50, "What is 5?"), (6, 60, "What is 6?")]
-    assert records[0].answers == ["thing5"] * 10
-    assert (records[1].answer_type, records[1].question_type, records[1].multiple_choice_answer) == (
-        "other",
-        "what is",
-        "thing6",
-    )
-    questions_only = read_vqa(vqa_files(tmp_path)[0])
-    assert questions_only[0].answers == [] and questions_only[0].answer_type is None
-
-
-def test_read_vqa_errors(tmp_path):
-    with pytest.raises(DataError, match="do not match: 1 question ids only in .* \\[7\\]"):
-        read_vqa(*vqa_files(tmp_path, question_ids=(5, 6, 7)))
-    questions, annotations = vqa_files(tmp_path)
-    (tmp_path / "annotations.json").write_text('{"annotations": [{"question_id": 5}, {"question_id": 6}]}')
-    with pytest.raises(DataError, match="lacks 'image_id'"):
-        read_vqa(questions, annotations)
-    (tmp_path / "annotations.json").write_text("{truncated")
-    with pytest.raises(DataError, match="not valid JSON"):
-        read_vqa(questions, annotations)
-    (tmp_path / "questions.json").write_text('{"questions": [{"image_id": 1, "question": "?"}]}')
-    with pytest.raises(DataError, match="lacks 'question_id'"):
-        read_vqa(questions)
