@@ -147,6 +147,7 @@ def save_run_config(log_dir: str | os.PathLike, text: str) -> None:
     `config.<its time>.yaml`, with one info line: the earlier checkpoints keep their config.
     """
     from seed_lightning.core.checkpointing import rename_aside
+    from seed_lightning.core.io import atomic_open
 
     path = Path(log_dir) / RUN_CONFIG
     if path.is_file():
@@ -154,8 +155,8 @@ def save_run_config(log_dir: str | os.PathLike, text: str) -> None:
             return
         kept = rename_aside(path, ".", when=path.stat().st_mtime)
         log.info(f"{path} was written by a run with other settings: kept as {kept.name}.")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
+    with atomic_open(path, "w") as file:
+        file.write(text)
 
 
 def _inference_parser(command: str, description: str) -> argparse.ArgumentParser:

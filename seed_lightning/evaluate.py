@@ -96,7 +96,7 @@ def evaluate(
     if cli.trainer.is_global_zero:
         print(format_table(metrics))
         out_path = Path(out) if out is not None else checkpoint.parent / "results.json"
-        from seed_lightning.mllm.captions import write_json_atomic
+        from seed_lightning.core.io import write_json_atomic
 
         write_json_atomic(out_path, {"checkpoint": str(checkpoint), "configs": list(configs), "metrics": metrics})
         print(f"results written to {out_path}")

@@ -14,7 +14,6 @@ import logging
 import os
 import pickle
 import re
-import secrets
 import shutil
 import time
 import zipfile
@@ -27,6 +26,7 @@ from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from seed_lightning.core.errors import ConfigError
+from seed_lightning.core.io import atomic_open, temporary_path
 
 log = logging.getLogger(__name__)
 
@@ -50,20 +50,6 @@ _MAX_VERDICTS = 1024
 def _is_remote(path: str | os.PathLike) -> bool:
     text = str(path)
     return "://" in text and not text.startswith("file://")
-
-
-def _fsync_directory(directory: Path) -> None:
-    # Makes the rename itself durable; some platforms/filesystems cannot open directories.
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def _identity(path: Path) -> tuple[int, int, int, int] | None:
@@ -156,24 +142,18 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             super().save_checkpoint(checkpoint, path, storage_options)
             return
         target = Path(str(path).removeprefix("file://"))
-        target.parent.mkdir(parents=True, exist_ok=True)
-        for stale in target.parent.glob(f".{glob.escape(target.name)}.*.tmp"):
-            stale.unlink(missing_ok=True)
-        temporary = target.with_name(f".{target.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
-        try:
-            with open(temporary, "xb") as file:
-                torch.save(checkpoint, file)
-                file.flush()
-                os.fsync(file.fileno())
+        if target.parent.is_dir():
+            for stale in target.parent.glob(f".{glob.escape(target.name)}.*.tmp"):
+                stale.unlink(missing_ok=True)
+
+        def before_replace(temporary: Path) -> None:
             # Complete and fsynced: its verdict holds under its final name too.
             _remember(temporary, None if "optimizer_states" in checkpoint else _WEIGHTS_ONLY)
             if self.keep_previous_last and _LAST_NAME.fullmatch(target.name) and PREVIOUS_MARK not in target.name:
                 self._keep_previous(target)
-            os.replace(temporary, target)
-        except BaseException:
-            temporary.unlink(missing_ok=True)
-            raise
-        _fsync_directory(target.parent)
+
+        with atomic_open(target, "wb", before_replace) as file:
+            torch.save(checkpoint, file)
 
     @staticmethod
     def _keep_previous(target: Path) -> None:
@@ -188,7 +168,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         problem = _verdicts.get(_identity(keep))  # known only: it is replaced by a good file either way
         if problem not in (None, _WEIGHTS_ONLY):
             _set_aside(keep, problem)
-        staging = keep.with_name(f".{keep.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
+        staging = temporary_path(keep)
         try:
             os.link(target, staging)
         except OSError:  # filesystems without hard links

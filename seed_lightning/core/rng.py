@@ -9,8 +9,7 @@ import random
 import numpy as np
 import torch
 
-from seed_lightning.core.distributed import world
-from seed_lightning.core.gather import gather_objects
+from seed_lightning.core.distributed import gather_objects, world
 
 CHECKPOINT_KEY = "rng_states"
 

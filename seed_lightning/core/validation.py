@@ -11,8 +11,8 @@ from typing import Any, TypeVar
 import lightning as L
 from lightning.pytorch.trainer.states import TrainerFn
 
+from seed_lightning.core.distributed import gather_objects, merge_by_index
 from seed_lightning.core.errors import ConfigError
-from seed_lightning.core.gather import gather_objects, merge_by_index
 
 T = TypeVar("T")
 

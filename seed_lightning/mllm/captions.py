@@ -16,14 +16,11 @@ references only, as in LAVIS's ``coco_caption_eval``).
 """
 
 import functools
-import json
 import os
 import shutil
 import subprocess
-import tempfile
 from collections.abc import Hashable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
 
 from pycocoevalcap.bleu.bleu import Bleu
 from pycocoevalcap.cider.cider import Cider
@@ -32,6 +29,7 @@ from pycocoevalcap.rouge.rouge import Rouge
 from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 
 from seed_lightning.core.errors import ConfigError, DataError
+from seed_lightning.core.io import write_json_atomic
 
 JAVA_INSTALL_HINT = "install Java 17, e.g. apt-get install -y default-jre-headless"
 BLEU_KEYS = ("Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4")
@@ -122,21 +120,6 @@ def score_captions(
     scores["ROUGE_L"] = float(Rouge().compute_score(gts, res)[0])
     scores["CIDEr"] = float(Cider().compute_score(gts, res)[0])
     return scores
-
-
-def write_json_atomic(path: str | os.PathLike, payload: Any) -> Path:
-    """Write `payload` as JSON so that readers never see a half-written file (temp file + rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as tmp_file:
-            json.dump(payload, tmp_file)
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
-    return path
 
 
 def write_coco_results(path: str | os.PathLike, predictions: Mapping[Hashable, str]) -> Path:

@@ -20,46 +20,26 @@ import argparse
 import hashlib
 import io
 import json
-import os
 import re
 import sys
 from collections import Counter
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from PIL import Image
 from tqdm import tqdm
 
 from seed_lightning.core.data.shards import IMAGE_EXTENSIONS, expand_urls, index_tar, iter_tar_samples
+from seed_lightning.core.distributed import RankInfo, rank_info
 from seed_lightning.core.errors import ConfigError, DataError
+from seed_lightning.core.io import write_json_atomic
 from seed_lightning.core.pretrained import WEIGHTS_FILE
 from seed_lightning.mllm.tokens import ExtractionSummary, extract_tokens
 from seed_lightning.tokenizer.model import SeedTokenizer
 
 TOKENIZER_RECORD = "{prefix}-tokenizer.json"
-
-
-@dataclass
-class RankInfo:
-    """This process's place among the extraction workers."""
-
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-
-
-def rank_info() -> RankInfo:
-    """From torch.distributed when initialised, else torchrun's RANK/WORLD_SIZE (or LOCAL_RANK/LOCAL_WORLD_SIZE)."""
-    if dist.is_available() and dist.is_initialized():
-        return RankInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    rank = int(os.environ.get("RANK", local_rank))
-    world_size = int(os.environ.get("WORLD_SIZE", os.environ.get("LOCAL_WORLD_SIZE", 1)))
-    return RankInfo(rank, world_size, local_rank)
 
 
 def shards_of_rank(urls: list[str], info: RankInfo) -> list[str]:
@@ -118,8 +98,7 @@ def _check_tokenizer_record(out_dir: Path, prefix: str, tokenizer_dir: str | Pat
         for stale in out_dir.iterdir():
             if own_file.fullmatch(stale.name):
                 stale.unlink()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    record_path.write_text(json.dumps({"tokenizer": str(tokenizer_dir), "sha256": fingerprint}, indent=2) + "\n")
+    write_json_atomic(record_path, {"tokenizer": str(tokenizer_dir), "sha256": fingerprint}, indent=2)
 
 
 def extract_split(

@@ -31,6 +31,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LogitsProcessor, L
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from seed_lightning.core.errors import ConfigError
+from seed_lightning.core.io import write_json_atomic
 from seed_lightning.core.modes import eval_mode
 from seed_lightning.mllm.visual_vocab import VisualVocabulary
 
@@ -360,7 +361,7 @@ class MultimodalLM(nn.Module):
     @staticmethod
     def _write_saved_config(directory: Path, weights: str, config: MultimodalLMConfig) -> None:
         record = {"weights": weights, "config": dataclasses.asdict(config)}
-        (directory / SAVED_CONFIG_NAME).write_text(json.dumps(record, indent=2) + "\n")
+        write_json_atomic(directory / SAVED_CONFIG_NAME, record, indent=2)
 
     @classmethod
     def load(cls, directory: str | Path, trainable: bool = False) -> "MultimodalLM":

@@ -26,6 +26,7 @@ from webdataset import TarWriter
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from seed_lightning.core.errors import ConfigError, DataError
+from seed_lightning.core.io import write_json_atomic
 
 CODE_LIMIT = 2**15
 """Codes must be below this to fit a signed int16."""
@@ -184,9 +185,7 @@ class TokenShardWriter:
 
     def _write_manifest(self) -> None:
         manifest = {"prefix": self.prefix, "maxcount": self.maxcount, "complete": self.complete, "shards": self.shards}
-        temporary = self.manifest_path.with_name(self.manifest_path.name + ".tmp")
-        temporary.write_text(json.dumps(manifest, indent=2) + "\n")
-        os.replace(temporary, self.manifest_path)
+        write_json_atomic(self.manifest_path, manifest, indent=2)
 
 
 @dataclass

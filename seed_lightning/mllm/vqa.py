@@ -30,7 +30,7 @@ from typing import Any
 
 from seed_lightning.core.data.coco import load_json, required_field
 from seed_lightning.core.errors import DataError
-from seed_lightning.mllm.captions import write_json_atomic
+from seed_lightning.core.io import write_json_atomic
 
 
 @dataclass

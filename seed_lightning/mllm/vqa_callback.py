@@ -7,6 +7,7 @@ from typing import Any
 import lightning as L
 
 from seed_lightning.core.errors import DataError
+from seed_lightning.core.io import write_json_atomic
 from seed_lightning.core.preflight import check_files
 from seed_lightning.core.validation import (
     IndexedValidationCallback,
@@ -14,7 +15,6 @@ from seed_lightning.core.validation import (
     publish,
     require_attribute,
 )
-from seed_lightning.mllm.captions import write_json_atomic
 from seed_lightning.mllm.vqa import majority_answer_baseline, read_vqa, vqa_accuracy, write_vqa_results
 
 

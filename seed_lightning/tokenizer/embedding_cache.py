@@ -4,7 +4,7 @@ Stage 2 of the tokenizer trains on the causal embeddings of a FROZEN ViT + Q-For
 same every epoch, so each is computed once, written here, and read back instead of re-running the
 encoders. Chunks are fp16 `.npy` files, memory-mapped when read (a batch is one fancy-indexed read
 per chunk, and the cache can be far larger than RAM), each with a `.keys.json` naming its rows.
-Both are written atomically (temporary file + rename; the keys first, so an `.npy` under its final
+Both are written atomically (`core/io.py`; the keys first, so an `.npy` under its final
 name always has its keys). Each rank writes its own chunks and reads everybody's after `refresh()`.
 """
 
@@ -15,12 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-
-def _atomic_write(path: Path, write) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as handle:
-        write(handle)
-    os.replace(tmp, path)
+from seed_lightning.core.io import atomic_open, write_json_atomic
 
 
 class EmbeddingCache:
@@ -92,7 +87,8 @@ class EmbeddingCache:
         path = self.directory / f"chunk-r{self.rank}-{index:06d}.npy"
         keys = list(self._pending)
         rows = torch.stack([self._pending[k] for k in keys]).numpy()
-        _atomic_write(path.with_suffix(".keys.json"), lambda handle: handle.write(json.dumps(keys).encode()))
-        _atomic_write(path, lambda handle: np.save(handle, rows))
+        write_json_atomic(path.with_suffix(".keys.json"), keys)
+        with atomic_open(path) as handle:
+            np.save(handle, rows)
         self._pending = {}
         self.refresh()

@@ -16,6 +16,7 @@ from torch import nn
 from seed_lightning.core.config import dataclass_from_dict
 from seed_lightning.core.data.transforms import CLIP_MEAN, CLIP_STD, image_to_tensor
 from seed_lightning.core.errors import ConfigError
+from seed_lightning.core.io import write_json_atomic
 from seed_lightning.core.modes import eval_mode
 from seed_lightning.core.pretrained import WEIGHTS_FILE, load_into
 from seed_lightning.tokenizer.causal_qformer import CausalQFormer, CausalQFormerConfig
@@ -251,8 +252,8 @@ class SeedTokenizer(nn.Module):
         """Write model.safetensors + config.json (resolved dims, no pretrained paths, no Lightning state)."""
         os.makedirs(directory, exist_ok=True)
         save_model(self, os.path.join(directory, WEIGHTS_FILE))
-        with open(os.path.join(directory, CONFIG_FILE), "w") as f:
-            json.dump({"format": FORMAT, "config": dataclasses.asdict(self.config.standalone())}, f, indent=2)
+        record = {"format": FORMAT, "config": dataclasses.asdict(self.config.standalone())}
+        write_json_atomic(os.path.join(directory, CONFIG_FILE), record, indent=2)
 
     @classmethod
     def load(cls, directory: str | os.PathLike, map_location: str | torch.device = "cpu") -> Self:

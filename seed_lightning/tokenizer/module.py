@@ -16,11 +16,10 @@ import torch
 from transformers import AutoTokenizer
 
 from seed_lightning.core.config import as_config, plain_hyperparameters
-from seed_lightning.core.distributed import ValSetMean
+from seed_lightning.core.distributed import ValSetMean, gather_objects, merge_by_index
 from seed_lightning.core.errors import ConfigError
 from seed_lightning.core.fp8 import convert_linears_to_fp8, require_fp8_support
 from seed_lightning.core.frozen import FrozenDtype, resolve_frozen_dtype
-from seed_lightning.core.gather import gather_objects, merge_by_index
 from seed_lightning.core.optim import AdamWModule, OptimConfig
 from seed_lightning.core.preflight import check_pretrained
 from seed_lightning.core.rng import restore_rng_states, save_rng_states

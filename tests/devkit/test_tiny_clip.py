@@ -3,8 +3,7 @@
 import pytest
 import torch
 
-from devkit import tiny_clip
-from devkit import synthetic
+from devkit import synthetic, tiny_clip
 from seed_lightning.core.clip_score import CLIPScorer, clip_score
 
 

@@ -6,8 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from devkit import tiny_models
-from devkit import synthetic
+from devkit import synthetic, tiny_models
 from devkit.tiny_models import TINY
 from seed_lightning.core.errors import ConfigError
 

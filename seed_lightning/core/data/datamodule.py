@@ -28,7 +28,6 @@ from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
 import torch
-import torch.distributed as dist
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.trainer.states import TrainerFn
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
@@ -48,6 +47,7 @@ from seed_lightning.core.data.shards import (
     make_decoder,
 )
 from seed_lightning.core.data.transforms import ImageTransform
+from seed_lightning.core.distributed import gather_objects
 from seed_lightning.core.errors import ConfigError, DataError, SeedLightningError
 
 STREAM_STATE_KEY = "_stream_state"
@@ -412,11 +412,7 @@ class ShardDataModule(LightningDataModule):
     def state_dict(self) -> dict[str, Any]:
         """Stream positions of all ranks (a collective under DDP: Lightning calls this on every rank)."""
         local = self._book.as_dict()
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            ranks: list[Any] = [None] * dist.get_world_size()
-            dist.all_gather_object(ranks, local)
-        else:
-            ranks = [local]
+        ranks = gather_objects(local)
         return {"format": _STATE_FORMAT, "fingerprint": self._fingerprint(), "ranks": ranks}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:

@@ -7,7 +7,7 @@ import pytest
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from seed_lightning.core.gather import gather_objects, merge_by_index
+from seed_lightning.core.distributed import gather_objects, merge_by_index
 
 
 def test_gather_without_process_group_is_a_singleton():
