@@ -217,7 +217,8 @@ def preflight_config(config: Any, model_class: type, datamodule_class: type, sta
     callbacks = trainer.callbacks or []
     callbacks = callbacks if isinstance(callbacks, list) else [callbacks]
     parts = [(model_class, _plain(config.model)), (datamodule_class, _plain(config.data))]
-    parts += [(callback.class_path, _plain(callback.init_args) or {}) for callback in callbacks]
+    # A callback whose class takes no arguments is parsed without `init_args`.
+    parts += [(callback.class_path, _plain(getattr(callback, "init_args", None)) or {}) for callback in callbacks]
     check_requirements(parts, stage)
 
 
