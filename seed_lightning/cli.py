@@ -305,11 +305,17 @@ def silence_expected_warnings() -> None:
         warnings.filterwarnings("ignore", message=pattern)
 
 
+def _dump_stacks_on_sigusr2() -> None:
+    """`kill -USR2 PID` prints the stack of every thread of a run that seems hung (a rank waiting in a collective)."""
+    try:  # the process's own stderr: sys.stderr may be a stand-in without a file descriptor (pytest, notebooks)
+        faulthandler.register(signal.SIGUSR2, file=sys.__stderr__, all_threads=True)
+    except (AttributeError, OSError, ValueError):  # no SIGUSR2 (Windows) or no real stderr: no stack dumps
+        pass
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    # `kill -USR2 PID` prints the stack of every thread of a run that seems hung (e.g. a rank waiting in a collective).
-    # Into the process's own stderr: `sys.stderr` may be a stream without a file descriptor (pytest's capture).
-    faulthandler.register(signal.SIGUSR2, file=sys.__stderr__, all_threads=True)
+    _dump_stacks_on_sigusr2()
     _configure_logging()
     silence_expected_warnings()
     if not argv or argv[0] in ("-h", "--help"):

@@ -125,3 +125,12 @@ def test_config_beside_checkpoints_is_the_one_that_produced_them(default_world, 
     assert yaml.safe_load(config.read_text())["trainer"]["max_steps"] == 3
     kept = list(run_dir.glob("config.*.yaml"))
     assert len(kept) == 1 and kept[0].read_text() == first
+
+
+def test_sigusr2_prints_the_stack_of_every_thread():
+    # What the rehearsal sends a stage before killing it: the log then says where a run hung.
+    code = ("import os, signal, time; from seed_lightning.cli import _dump_stacks_on_sigusr2; "
+            "_dump_stacks_on_sigusr2(); os.kill(os.getpid(), signal.SIGUSR2); time.sleep(0.2); print('alive')")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and done.stdout.strip() == "alive"  # the dump does not stop the run
+    assert "most recent call first" in done.stderr and "<string>" in done.stderr
