@@ -15,7 +15,9 @@ Exact resume. Every train batch carries its producer's `StreamState` (taken righ
 records it with the count of batches consumed; `state_dict()` (gathered from all ranks: only rank 0 writes the
 checkpoint) persists them and `load_state_dict()` (Lightning calls it before building the train loader)
 restores them. The next iteration then re-creates each logical worker from its last consumed state: nothing
-is replayed or decoded, and batches prefetched but never trained on are simply made again.
+is replayed or decoded, and batches prefetched but never trained on are simply made again. Positions belong to
+global ranks, so any launch layout of the same number of ranks continues exactly (2 nodes x 1 process and 1 node x
+2 processes alike); a checkpoint of another number of ranks is refused with a ConfigError when fitting.
 """
 
 import math
@@ -418,19 +420,33 @@ class ShardDataModule(LightningDataModule):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if self.trainer is not None and self.trainer.state.fn != TrainerFn.FITTING:
             return  # validate/test/predict never read the train stream: its saved position is irrelevant there
-        rank, _ = self._rank_and_world_size()
+        rank, world_size = self._rank_and_world_size()
         ranks = state_dict.get("ranks") or []
+        if ranks and len(ranks) != world_size:
+            raise ConfigError(self._other_world_size(len(ranks), world_size))
         if state_dict.get("format") == _STATE_FORMAT and state_dict.get("fingerprint") == self._fingerprint():
             self._book.load(ranks[rank])
             return
         batches = ranks[0]["batches"] if ranks else 0
         warnings.warn(
             "the checkpoint's data stream does not match this data configuration (shards, weights, kind, batch"
-            " size, workers, shuffle buffer, seed or world size changed): training continues on fresh streams,"
-            " not exactly where it stopped",
+            " size, workers, shuffle buffer or seed changed): training continues on fresh streams, not exactly"
+            " where it stopped",
             stacklevel=2,
         )
         self._book.restart(batches)
+
+    def _other_world_size(self, saved: int, world_size: int) -> str:
+        """Why a fit checkpoint of `saved` processes does not resume on `world_size`, and what to do instead. The
+        train stream is one position per rank, and the global batch (the contrastive loss's negatives) is ranks x
+        batch_size: neither carries over to another number of ranks, whatever nodes they sit on."""
+        checkpoint = getattr(self.trainer, "ckpt_path", None) or "the checkpoint"
+        return (
+            f"{checkpoint} was written by {saved} processes and this run has {world_size} (trainer.num_nodes x"
+            f" trainer.devices): its data stream positions (one per process) and global batch ({saved} x"
+            f" {self.batch_size}) only continue on {saved}; resume with num_nodes x devices = {saved} (any split"
+            " over nodes), or start a new run in another output folder"
+        )
 
     def _fingerprint(self) -> dict[str, Any]:
         """What the saved stream positions are only valid for."""

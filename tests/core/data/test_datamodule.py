@@ -206,6 +206,34 @@ def test_changed_configuration_resumes_on_fresh_streams_with_a_warning(shards):
     assert len(consume(changed)) == 15 // 5 - 2 % 3
 
 
+def fitting(rank: int, world_size: int) -> SimpleNamespace:
+    return SimpleNamespace(global_rank=rank, world_size=world_size, ckpt_path="run/last.ckpt",
+                           state=SimpleNamespace(fn=TrainerFn.FITTING))
+
+
+def test_a_checkpoint_of_another_number_of_ranks_is_refused_in_one_line(shards):
+    one = make_module(shards)
+    consume(one, batches=2)
+    single = one.state_dict()  # 1 rank
+    double = {**single, "ranks": single["ranks"] * 2, "fingerprint": {**single["fingerprint"], "world_size": 2}}
+    for state, world_size in ((single, 2), (double, 1), (double, 3)):
+        module = make_module(shards)
+        module.trainer = fitting(0, world_size)
+        with pytest.raises(ConfigError) as error:
+            module.load_state_dict(state)
+        saved = len(state["ranks"])
+        message = str(error.value)
+        assert "\n" not in message
+        assert f"run/last.ckpt was written by {saved} processes and this run has {world_size}" in message
+        assert f"resume with num_nodes x devices = {saved}" in message
+    # The same number of ranks, however they were launched: each rank continues its own stream.
+    for rank in range(2):
+        module = make_module(shards)
+        module.trainer = fitting(rank, 2)
+        module.load_state_dict(double)
+        assert module._book.batches == 2 and module._book.as_dict() == one._book.as_dict()
+
+
 def test_validation_ignores_the_train_stream_state(shards, recwarn):
     # `evaluate` restores a fit checkpoint into trainer.validate: the stream position there is meaningless,
     # so it neither restores it nor warns that it does not match (here: another world size and batch size).
