@@ -1,13 +1,15 @@
 """Checks run before training starts, each failing with one ConfigError line: what is wrong, how to fix it.
 
 `run_preflight` checks the output directory (creatable, writable, enough free space), that a CUDA
-accelerator is only requested where CUDA exists, and that the precision suits the device.
+accelerator is only requested where CUDA exists, that the precision suits the device, and that the Trainer's
+num_nodes x devices is the layout torchrun started (a multi-node run without any launcher is refused).
 `check_requirements` lets every class of a run (the LightningModule, the data module, each callback)
 check what it needs from its init args (files, folders, hub models, Java) before any of them is built:
 a class declares ``check_requirements(cls, init_args: dict, stage: str)`` as a classmethod, using
 `check_pretrained` / `check_files` or its own checks. `preflight_config` runs all of it on a parsed
 LightningCLI config. `format_cli_error` turns a jsonargparse/LightningCLI parse error into one line that
-suggests the closest valid key. Nothing here imports Lightning, so it is cheap to run first.
+suggests the closest valid key. Nothing here imports Lightning (but `check_launch` of a multi-node run without
+a launcher, which asks Lightning's cluster environments), so it is cheap to run first.
 """
 
 import difflib
@@ -115,18 +117,72 @@ def check_precision(precision: Any = "32-true", accelerator: str = "auto") -> No
         )
 
 
+def _devices_per_node(accelerator: str, devices: Any) -> int | None:
+    """How many processes per node Lightning makes of `devices` on `accelerator`; None when it cannot tell here."""
+    try:
+        wanted = _device_indices(devices)
+    except (TypeError, ValueError):
+        return None
+    if wanted is not None:
+        return len(wanted) if isinstance(wanted, list) else wanted
+    device = str(accelerator).lower()
+    if device in ("gpu", "cuda") or (device == "auto" and torch.cuda.is_available()):
+        return torch.cuda.device_count()
+    return 1 if str(devices).strip() == "auto" else None  # CPU "auto" is one process; -1 Lightning refuses itself
+
+
+def _lightning_finds_a_launcher() -> bool:
+    """Whether Lightning will take the ranks from a cluster environment (it looks for these, in this order) rather
+    than start the processes of one node itself."""
+    from lightning.fabric.plugins.environments import (
+        LSFEnvironment,
+        MPIEnvironment,
+        SLURMEnvironment,
+        TorchElasticEnvironment,
+    )
+
+    return any(env.detect() for env in (TorchElasticEnvironment, SLURMEnvironment, LSFEnvironment, MPIEnvironment))
+
+
+def check_launch(num_nodes: int = 1, devices: Any = "auto", accelerator: str = "auto") -> None:
+    """The Trainer's `num_nodes` x `devices` is the layout that launched this process. Under torchrun: its nodes
+    (GROUP_WORLD_SIZE) and processes per node (LOCAL_WORLD_SIZE); Lightning would stop only after the models load,
+    with a traceback, or crash on a device index when the product matches but the split does not. Without any
+    launcher Lightning knows (torchrun, SLURM, LSF, MPI), `num_nodes` > 1 needs NODE_RANK: otherwise every node
+    calls itself node 0 and the first waits for the others until the rendezvous times out."""
+    per_node = _devices_per_node(accelerator, devices)
+    if torch.distributed.is_available() and torch.distributed.is_torchelastic_launched():
+        nodes, launched = int(os.environ["GROUP_WORLD_SIZE"]), int(os.environ["LOCAL_WORLD_SIZE"])
+        if num_nodes != nodes or per_node not in (None, launched):
+            raise ConfigError(
+                f"torchrun started {nodes} node(s) x {launched} process(es) per node but the Trainer is set to"
+                f" num_nodes={num_nodes} x devices={devices}; set --trainer.num_nodes {nodes} --trainer.devices"
+                f" {launched}, or launch torchrun with --nnodes {num_nodes} --nproc-per-node {per_node or 'DEVICES'}"
+            )
+        return
+    if num_nodes > 1 and "NODE_RANK" not in os.environ and not _lightning_finds_a_launcher():
+        raise ConfigError(
+            f"num_nodes={num_nodes} but no launcher started this process as one of {num_nodes} nodes; run it on every"
+            f" node with torchrun --nnodes {num_nodes} --node-rank R --nproc-per-node {per_node or 'DEVICES'}"
+            " --master-addr HOST --master-port PORT -m seed_lightning.cli ..., or srun under SLURM (README: Scaling"
+            " out), or set --trainer.num_nodes 1"
+        )
+
+
 def run_preflight(
     output_dir: str | os.PathLike,
     accelerator: str = "auto",
     devices: Any = "auto",
     precision: Any = "32-true",
     min_free_gib: float = 1.0,
+    num_nodes: int = 1,
 ) -> None:
     """All start-up checks, in order; the first failure raises ConfigError (one line)."""
     check_output_dir(output_dir)
     check_free_disk(output_dir, min_free_gib)
     check_accelerator(accelerator, devices)
     check_precision(precision, accelerator)
+    check_launch(num_nodes, devices, accelerator)
 
 
 _HUB_ID = re.compile(r"(?:[A-Za-z0-9][\w.-]*/)?[A-Za-z0-9][\w.-]*")
@@ -213,7 +269,8 @@ def preflight_config(config: Any, model_class: type, datamodule_class: type, sta
     instantiated: `run_preflight` on the trainer settings, then `check_requirements` of the model, the data
     module and every configured callback."""
     trainer = config.trainer
-    run_preflight(trainer.default_root_dir or os.getcwd(), trainer.accelerator, trainer.devices, trainer.precision)
+    run_preflight(trainer.default_root_dir or os.getcwd(), trainer.accelerator, trainer.devices, trainer.precision,
+                  num_nodes=trainer.num_nodes)
     callbacks = trainer.callbacks or []
     callbacks = callbacks if isinstance(callbacks, list) else [callbacks]
     parts = [(model_class, _plain(config.model)), (datamodule_class, _plain(config.data))]

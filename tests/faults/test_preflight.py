@@ -14,6 +14,7 @@ from seed_lightning.core.errors import ConfigError
 from seed_lightning.core.preflight import (
     check_accelerator,
     check_free_disk,
+    check_launch,
     check_output_dir,
     check_precision,
     check_pretrained,
@@ -93,6 +94,53 @@ def test_precision_that_does_not_fit_the_device(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla V100")
     one_line_error("needs bfloat16, which Tesla V100 lacks", check_precision, "bf16-mixed", "gpu")
     check_precision("16-mixed", "gpu")
+
+
+LAUNCHER_VARIABLES = ("TORCHELASTIC_RUN_ID", "GROUP_WORLD_SIZE", "LOCAL_WORLD_SIZE", "NODE_RANK", "SLURM_NTASKS",
+                      "LSB_JOBID", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE")
+
+
+def torchrun(monkeypatch, nodes: int, per_node: int) -> None:
+    """The environment torchrun gives each process it starts (`--nnodes nodes --nproc-per-node per_node`)."""
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "test")
+    monkeypatch.setenv("GROUP_WORLD_SIZE", str(nodes))
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", str(per_node))
+    monkeypatch.setenv("WORLD_SIZE", str(nodes * per_node))
+
+
+@pytest.fixture
+def no_launcher(monkeypatch):
+    for name in LAUNCHER_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+
+
+def test_trainer_layout_must_be_the_one_torchrun_started(monkeypatch, no_launcher):
+    torchrun(monkeypatch, nodes=2, per_node=1)
+    check_launch(num_nodes=2, devices=1, accelerator="cpu")
+    message = one_line_error("torchrun started 2 node.* x 1 process.* num_nodes=1 x devices=1", check_launch, 1, 1,
+                             "cpu")
+    assert "--trainer.num_nodes 2 --trainer.devices 1" in message and "--nnodes 1 --nproc-per-node 1" in message
+    torchrun(monkeypatch, nodes=1, per_node=2)
+    check_launch(num_nodes=1, devices=2, accelerator="cpu")
+    # The same number of processes split otherwise: Lightning would pass it and crash on a device index.
+    one_line_error("--trainer.num_nodes 1 --trainer.devices 2", check_launch, 2, 1, "cpu")
+    one_line_error("--trainer.num_nodes 1 --trainer.devices 2", check_launch, 1, "auto", "cpu")  # auto: 1 on CPU
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
+    one_line_error("--trainer.devices 2", check_launch, 1, -1, "gpu")  # every visible GPU: 8
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    check_launch(num_nodes=1, devices=-1, accelerator="gpu")
+
+
+def test_several_nodes_need_a_launcher(monkeypatch, no_launcher):
+    message = one_line_error("num_nodes=2 but no launcher", check_launch, 2, 1, "cpu")
+    assert "torchrun --nnodes 2 --node-rank R --nproc-per-node 1" in message
+    check_launch(num_nodes=1, devices=2, accelerator="cpu")
+    monkeypatch.setenv("NODE_RANK", "1")  # Lightning's own launch on every node, ranks set by hand
+    check_launch(num_nodes=2, devices=1, accelerator="cpu")
+    monkeypatch.delenv("NODE_RANK")
+    monkeypatch.setenv("SLURM_NTASKS", "4")  # srun: Lightning reads the ranks from SLURM
+    check_launch(num_nodes=2, devices=2, accelerator="cpu")
 
 
 def test_run_preflight_passes_on_a_sane_setup_and_creates_the_directory(tmp_path):
