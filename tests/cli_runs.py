@@ -7,6 +7,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -33,22 +34,49 @@ def free_ports(count: int) -> list[int]:
     return ports
 
 
-def run_in_own_group(command: Sequence[str], log: Path, timeout: float, env: dict | None = None) -> int:
-    """Run `command` from the repository root, output appended to `log`, in its own process group, which is
-    killed whole when it ends or times out (DDP ranks and DataLoader workers included). Returns the exit status."""
-    environment = {**os.environ, "PYTHONPATH": str(REPO), "SEED_LOG_LEVEL": "WARNING", **(env or {})}
-    with open(log, "a") as output:
-        process = subprocess.Popen(list(command), cwd=REPO, env=environment, stdout=output, stderr=output,
-                                   start_new_session=True)
-        try:
-            return process.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            pytest.fail(f"{' '.join(command[:4])} ... ran past {timeout} s:\n{log.read_text()[-3000:]}")
-        finally:
+def run_together(commands: Sequence[Sequence[str]], logs: Sequence[Path], timeout: float,
+                 envs: Sequence[dict | None] | None = None) -> list[int | None]:
+    """Run `commands` at the same time (the nodes of one multi-node launch) from the repository root, the output
+    of each appended to its log and its extra `envs` entry set, each in its own process group, which is killed
+    whole when the command ends or after `timeout` s in all (DDP ranks and DataLoader workers included). Returns
+    their exit statuses, None for one still running at the timeout."""
+    search_path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+    base = {**os.environ, "PYTHONPATH": search_path, "SEED_LOG_LEVEL": "WARNING"}
+    processes = []
+    try:
+        for command, log, env in zip(commands, logs, envs or [None] * len(commands), strict=True):
+            with open(log, "a") as output:
+                processes.append(subprocess.Popen(list(command), cwd=REPO, env={**base, **(env or {})}, stdout=output,
+                                                  stderr=output, start_new_session=True))
+        deadline = time.monotonic() + timeout
+        statuses: list[int | None] = []
+        for process in processes:
+            try:
+                statuses.append(process.wait(timeout=max(0.0, deadline - time.monotonic())))
+            except subprocess.TimeoutExpired:
+                statuses.append(None)
+        return statuses
+    finally:
+        for process in processes:
             try:
                 os.killpg(process.pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+
+
+def run_in_own_group(command: Sequence[str], log: Path, timeout: float, env: dict | None = None) -> int:
+    """`run_together` of one command; fails the test with the log's tail when it runs past `timeout`."""
+    [status] = run_together([command], [log], timeout, [env])
+    if status is None:
+        pytest.fail(f"{' '.join(command[:4])} ... ran past {timeout} s:\n{log.read_text()[-3000:]}")
+    return status
+
+
+def torchrun(nodes: int, per_node: int, port: int, node_rank: int = 0) -> list[str]:
+    """The torchrun launcher of node `node_rank` of `nodes` x `per_node` processes, rendezvous at 127.0.0.1:`port`
+    (several nodes on this one host); the module to run follows it (`-m seed_lightning.cli ...`)."""
+    return [sys.executable, "-m", "torch.distributed.run", "--nnodes", str(nodes), "--node-rank", str(node_rank),
+            "--nproc-per-node", str(per_node), "--master-addr", "127.0.0.1", "--master-port", str(port)]
 
 
 def run_ok(command: Sequence[str], log: Path, timeout: float = 300, devices: int = 1,
