@@ -4,6 +4,8 @@ Runs the project's ImageTransform(train=True) on generated JPEGs of CC3M-like si
 full photo size (1024x768), in N worker processes, and reports images/s (per machine and per core).
 
     python bench/data_pipeline.py --workers 1 4 8 16
+
+bench/shard_pipeline.py measures the whole train loader (shards, ShardDataModule, DataLoader workers) instead.
 """
 
 import argparse

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # GPU benchmarks. Results: RESULT lines on stdout and $BENCH_OUT/results.jsonl (default ./bench_out).
 #   bash bench/run_all.sh            # everything on one GPU (about 15 min on one H200)
-#   bash bench/run_all.sh tokenizer  # stage 1 + stage 2 + data pipeline
+#   bash bench/run_all.sh tokenizer  # stage 1 + stage 2 + data pipeline (transform alone, then the shard loader)
 #   bash bench/run_all.sh mllm       # MLLM only
 #   bash bench/run_all.sh scaling    # DDP/FSDP scaling on every GPU of the host (>= 2 GPUs)
 set -uo pipefail
@@ -19,6 +19,7 @@ if [[ $PART == all || $PART == tokenizer ]]; then
   $PY stage1.py --batch 256 --steps 10 --variants default fp8 || echo "FAILED stage1"
   $PY stage2.py --batch 256 2048 --batches 16 4 --epochs 3 --compile || echo "FAILED stage2"
   $PY data_pipeline.py --workers 1 4 8 16 || echo "FAILED data_pipeline"
+  $PY shard_pipeline.py --workers 4 8 16 || echo "FAILED shard_pipeline"
 fi
 if [[ $PART == all || $PART == mllm ]]; then
   $PY mllm.py --samples 256 --steps 8 --warmup 4 || echo "FAILED mllm"

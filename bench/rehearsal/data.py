@@ -23,6 +23,7 @@ import json
 import random
 import subprocess
 import sys
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from PIL import Image
@@ -67,9 +68,10 @@ def _noise(width: int, height: int) -> Image.Image:
     return Image.effect_noise((width, height), 40).convert("RGB")
 
 
-def draw(index: int, rng: random.Random) -> tuple[synthetic.Scene, bytes, str, int, int]:
-    """(scene, encoded image, extension, width, height) of image `index` (its kind cycles through IMAGE_KINDS)."""
-    width, height, mode, image_format = IMAGE_KINDS[index % len(IMAGE_KINDS)]
+def draw(index: int, rng: random.Random, kinds: Sequence[tuple[int, int, str, str]] = IMAGE_KINDS,
+         ) -> tuple[synthetic.Scene, bytes, str, int, int]:
+    """(scene, encoded image, extension, width, height) of image `index` (its kind cycles through `kinds`)."""
+    width, height, mode, image_format = kinds[index % len(kinds)]
     scene = dataclasses.replace(synthetic.sample_scene(rng), width=width, height=height)
     image = synthetic.render(scene, rng)
     # Sensor-like noise, so JPEGs are as large (and as slow to decode) as photos of that size, not flat drawings.
@@ -91,26 +93,32 @@ def five_captions(scene: synthetic.Scene, rng: random.Random) -> list[str]:
     return [captions[i % len(captions)] for i in range(CAPTIONS_PER_VAL_IMAGE)]
 
 
+def image_text_samples(count: int, rng: random.Random, kinds: Sequence[tuple[int, int, str, str]] = IMAGE_KINDS,
+                       per_shard: int = TRAIN_SAMPLES_PER_SHARD, first_shard: int = 0) -> Iterator[dict]:
+    """`count` samples as img2dataset writes them (KEY.jpg|png, KEY.txt, KEY.json with its fields; 9-digit keys =
+    shard + position, shards of `per_shard` from `first_shard` on) of drawn images whose kinds cycle through `kinds`."""
+    for index in range(count):
+        scene, image, extension, width, height = draw(index, rng, kinds)
+        caption = synthetic.describe(scene, rng)[0]
+        shard, position = divmod(index, per_shard)
+        key = f"{first_shard + shard:05d}{position:04d}"
+        meta = {  # img2dataset's per-sample fields
+            "url": f"https://example.invalid/cc3m/{key}.{extension}", "caption": caption, "key": key,
+            "status": "success", "error_message": None, "width": width, "height": height,
+            "original_width": width, "original_height": height,
+        }
+        yield {"__key__": key, extension: image, "txt": caption.encode(), "json": json.dumps(meta).encode()}
+
+
 def write_train(out: Path, num_train: int, seed: int) -> None:
     import webdataset
 
-    rng = random.Random(f"rehearsal-train-{seed}")
     shards = out / "data" / "cc3m"
     shards.mkdir(parents=True, exist_ok=True)
     with webdataset.ShardWriter(str(shards / "cc3m-train-%04d.tar"), maxcount=TRAIN_SAMPLES_PER_SHARD,
                                 verbose=0, encoder=False) as writer:
-        for index in range(num_train):
-            scene, image, extension, width, height = draw(index, rng)
-            caption = synthetic.describe(scene, rng)[0]
-            shard, position = divmod(index, TRAIN_SAMPLES_PER_SHARD)
-            key = f"{shard:05d}{position:04d}"
-            meta = {  # img2dataset's per-sample fields
-                "url": f"https://example.invalid/cc3m/{key}.{extension}", "caption": caption, "key": key,
-                "status": "success", "error_message": None, "width": width, "height": height,
-                "original_width": width, "original_height": height,
-            }
-            writer.write({"__key__": key, extension: image, "txt": caption.encode(),
-                          "json": json.dumps(meta).encode()})
+        for sample in image_text_samples(num_train, random.Random(f"rehearsal-train-{seed}")):
+            writer.write(sample)
 
 
 def write_val(out: Path, num_val: int, seed: int, python: str) -> None:
