@@ -130,12 +130,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--save-at", type=int, default=3, help="the step of the checkpoint that is resumed")
     parser.add_argument("--shard", default=SHARD, help="training shard(s), a pattern")
+    parser.add_argument("--timeout", type=float, default=150, help="seconds each run may take (a hung rendezvous)")
     args = parser.parse_args(argv)
     out = args.out or Path(tempfile.mkdtemp(prefix="multinode-"))
     if out.exists() and any(out.iterdir()):
         parser.error(f"--out {out} is not empty: the runs would mix with what is there; give another")
     print(f"runs in {out}", flush=True)
-    losses = compare_layouts(out, args.accelerator, args.steps, args.save_at, args.shard)
+    losses = compare_layouts(out, args.accelerator, args.steps, args.save_at, args.shard, args.timeout)
     return 0 if report(losses, args.steps, args.save_at) else 1
 
 

@@ -17,4 +17,4 @@ if (( GPUS < 2 )); then echo "multinode: needs 2 GPUs, nvidia-smi lists $GPUS" >
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1  # no NVLink multicast here
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-timeout 600 $PY -m bench.multinode --accelerator gpu "$@"
+timeout 540 $PY -m bench.multinode --accelerator gpu "$@"
