@@ -4,6 +4,7 @@ Every benchmark prints one JSON line per measurement (prefixed `RESULT `) and ap
 $BENCH_OUT/results.jsonl when BENCH_OUT is set, so RESULTS.md can be filled from one file.
 """
 
+import datetime
 import json
 import os
 import sys
@@ -21,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 DATASHEET_BF16_PEAK = 989e12
 """H100/H200 SXM dense bf16 FLOP/s from NVIDIA's datasheet."""
-DATE = "2026-11-27"
+DATE = datetime.date.today().isoformat()
 REPO = Path(__file__).resolve().parents[1]
 
 

@@ -2,8 +2,10 @@
 
 Samples: 10-20 words (13-26 BPE tokens at GPT-2's ~1.3 tokens/word) + <img> 32 codes </img> + BOS/EOS.
 Project: the real MLLMModule (packed rows, block-diagonal causal mask, per-sample positions) under a
-bf16-mixed Lightning Trainer. Baseline (same run, same samples): plain transformers OPTForCausalLM +
-peft LoRA, one sample per row padded to the longest, 2D padding mask, autocast bf16, plain AdamW.
+bf16-mixed Lightning Trainer. THE baseline (same run, same samples, same trainable set): what a careful
+user writes with plain transformers + peft: OPTForCausalLM loaded in bf16 (frozen weights stay bf16, the
+trained ones - LoRA, embeddings/head, LayerNorms - in fp32), SDPA, one sample per row padded to the
+longest, 2D padding mask, autocast bf16, fused AdamW. A second baseline row loads the model in fp32.
 
 Useful tokens = non-pad tokens. MFU FLOPs per useful token = sum over every nn.Linear of 6 x params
 (trainable: LoRA adapters, LM head) or 4 x params (frozen, gradient passes through); embedding lookups
@@ -72,8 +74,11 @@ VARIANTS = {
     "packed": {},  # frozen base weights in bf16 (frozen_dtype auto under bf16-mixed)
     "packed-fp32-frozen": {"frozen_dtype": "float32"},
     "packed-compile": {"compile": True},
+    "packed-flex-compile": {"compile": True, "attn_implementation": "flex_attention"},
     "padded-compile": {"packing": False, "compile": True},
 }
+MODEL_OPTIONS = ("attn_implementation",)
+"""Variant keys that configure MultimodalLMConfig rather than MLLMModule."""
 
 
 def project(folder: str, batches: list[dict], steps: int, warmup: int, peak: float, max_length: int,
@@ -85,7 +90,8 @@ def project(folder: str, batches: list[dict], steps: int, warmup: int, peak: flo
     reset_memory()
     torch._dynamo.reset()
     options = {"packing": True, **VARIANTS[variant]}
-    module = MLLMModule(MultimodalLMConfig(pretrained=folder), max_length=max_length, **options)
+    model_options = {key: options.pop(key) for key in MODEL_OPTIONS if key in options}
+    module = MLLMModule(MultimodalLMConfig(pretrained=folder, **model_options), max_length=max_length, **options)
     per_token, _ = linear_flops_per_token(module.mllm.model)
     original_collate = module.collate
 
@@ -102,17 +108,19 @@ def project(folder: str, batches: list[dict], steps: int, warmup: int, peak: flo
     reset_memory()
     lightning_trainer(warmup + steps, [meter, *callbacks]).fit(module, loader(lambda i: batches[i % len(batches)], warmup + steps))
     rate = meter.history[-1]["tokens_per_sec"]
-    report("mllm", f"project MLLMModule {variant} L={max_length}", variant=options,
+    report("mllm", f"project MLLMModule {variant} L={max_length}", variant={**options, **model_options},
            useful_tokens_per_sec=rate, samples_per_step=len(batches[0]["caption"]), rows_shape=list(module.bench_rows),
            gflops_per_token=per_token / 1e9, flops_formula="sum over nn.Linear: 6N trainable, 4N frozen",
            **mfu_fields(rate * per_token, peak), peak_mem_gib=peak_memory_gib(), ratio_to_baseline=rate / baseline_rate)
     del module
 
 
-def baseline(folder: str, batches: list[dict], steps: int, warmup: int, peak: float, profile=None) -> float:
+def baseline(folder: str, batches: list[dict], steps: int, warmup: int, peak: float, profile=None,
+             frozen_dtype: torch.dtype = torch.bfloat16) -> float:
     import peft
     from transformers import AutoTokenizer, OPTForCausalLM
 
+    from seed_lightning.mllm.model import LoraSettings
     from seed_lightning.mllm.packing import build_sample, pad_batch
     from seed_lightning.mllm.visual_vocab import VisualVocabulary
 
@@ -120,12 +128,17 @@ def baseline(folder: str, batches: list[dict], steps: int, warmup: int, peak: fl
     tokenizer = AutoTokenizer.from_pretrained(folder)
     visual = VisualVocabulary(8192)
     visual.add_to(tokenizer)
-    model = OPTForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation="sdpa").cuda()
+    model = OPTForCausalLM.from_pretrained(folder, dtype=frozen_dtype, attn_implementation="sdpa").cuda()
+    lora = LoraSettings()  # the project's trainable set: LoRA on every projection, embeddings/head and LayerNorms
     model = peft.get_peft_model(model, peft.LoraConfig(
-        r=16, lora_alpha=32, lora_dropout=0.05, target_modules=["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"],
-        modules_to_save=["embed_tokens", "lm_head"], task_type=peft.TaskType.CAUSAL_LM))
+        r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora.target_modules,
+        modules_to_save=lora.modules_to_save, ensure_weight_tying=True, task_type=peft.TaskType.CAUSAL_LM))
+    for parameter in model.parameters():  # trained weights in fp32 (AdamW on bf16 weights loses small updates)
+        if parameter.requires_grad:
+            parameter.data = parameter.data.float()
     model.train()
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1.5e-4, betas=(0.9, 0.95))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1.5e-4, betas=(0.9, 0.95),
+                                  fused=True)
     per_token, _ = linear_flops_per_token(model)
     rng = random.Random(0)
     padded = []
@@ -151,7 +164,8 @@ def baseline(folder: str, batches: list[dict], steps: int, warmup: int, peak: fl
         profile(step, "mllm-baseline", 2)
     tokens = sum(int((p.segment_ids > 0).sum()) for p in padded) / len(padded)
     rate = tokens / seconds
-    report("mllm", "baseline plain HF+peft padded-to-longest", useful_tokens_per_sec=rate,
+    name = "bf16" if frozen_dtype == torch.bfloat16 else "fp32"
+    report("mllm", f"baseline plain HF+peft, frozen weights {name}, padded-to-longest", useful_tokens_per_sec=rate,
            samples_per_step=len(batches[0]["caption"]), rows_shape=list(padded[0].input_ids.shape),
            pad_fraction=1 - tokens / padded[0].input_ids.numel(), gflops_per_token=per_token / 1e9,
            **mfu_fields(rate * per_token, peak), peak_mem_gib=peak_memory_gib())
@@ -166,6 +180,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--max-length", type=int, nargs="+", default=[256])
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--fp32-baseline", action="store_true", help="also time the baseline with fp32 frozen weights")
     args = parser.parse_args()
     from transformers import AutoTokenizer
 
@@ -175,7 +190,9 @@ def main() -> None:
         folder = random_opt_folder(Path(tmp))
         words = single_token_words(AutoTokenizer.from_pretrained(folder))
         batches = make_batches(words, args.samples, 4)
-        base = baseline(folder, batches, args.steps, args.warmup, peak)
+        base = baseline(folder, batches, args.steps, args.warmup, peak)  # THE baseline: frozen weights in bf16
+        if args.fp32_baseline:
+            baseline(folder, batches, args.steps, args.warmup, peak, frozen_dtype=torch.float32)
         for max_length in args.max_length:
             for variant in args.variants:
                 try:

@@ -12,8 +12,10 @@ Scaling efficiency at N GPUs = per-GPU samples/s at N over per-GPU samples/s at 
 """
 
 import argparse
+import faulthandler
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -33,6 +35,9 @@ class StepTimer:
     def __init__(self, warmup: int):
         self.warmup, self.start, self.steps = warmup, None, 0
 
+    def on_train_start(self, trainer, *args):
+        self.began = time.perf_counter()
+
     def on_train_batch_end(self, trainer, *args):
         if trainer.global_step == self.warmup:
             torch.cuda.synchronize()
@@ -43,6 +48,7 @@ class StepTimer:
     def on_train_end(self, trainer, *args):
         torch.cuda.synchronize()
         self.seconds = time.perf_counter() - self.start
+        self.total_seconds = time.perf_counter() - self.began  # with the warm-up steps (and any compilation)
 
 
 def strategy_for(name: str, devices: int, comm_hook: str):
@@ -76,23 +82,25 @@ def stage1_module_and_batches(batch: int, local_rank: int):
     return module, lambda index: {"pixel_values": pixels, "caption": captions, "key": [f"{index}-{i}" for i in range(batch)]}
 
 
-def mllm_module_and_batches(work: Path, local_rank: int):
+def mllm_module_and_batches(work: Path, local_rank: int, compile: bool):
     from seed_lightning.mllm.model import MultimodalLMConfig
     from seed_lightning.mllm.module import MLLMModule
 
-    module = MLLMModule(MultimodalLMConfig(pretrained=str(work / "opt")), max_length=256, packing=True)
+    module = MLLMModule(MultimodalLMConfig(pretrained=str(work / "opt")), max_length=256, packing=True, compile=compile)
     batches = torch.load(work / f"batches-{local_rank % 2}.pt")
     return module, lambda index: batches[index % len(batches)]
 
 
 def worker(model: str, strategy: str, devices: int, batch: int, steps: int, warmup: int, comm_hook: str,
-           work: Path) -> None:
+           work: Path, compile: bool) -> None:
     """Runs inside the Lightning launch: every rank executes this."""
     import lightning as L
 
+    faulthandler.register(signal.SIGUSR2, all_threads=True)  # a hung rank shows where it waits
+
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if model == "mllm":
-        module, make = mllm_module_and_batches(work, local_rank)
+        module, make = mllm_module_and_batches(work, local_rank, compile)
     else:
         module, make = stage1_module_and_batches(batch, local_rank)
     timer = type("Timer", (StepTimer, L.Callback), {})(warmup)
@@ -105,6 +113,7 @@ def worker(model: str, strategy: str, devices: int, batch: int, steps: int, warm
         per_gpu = batch * timer.steps / timer.seconds
         print("RESULT " + json.dumps({"bench": f"scaling-{model}", "devices": devices, "batch_per_gpu": batch,
                                       "strategy": type(trainer.strategy).__name__, "comm_hook": comm_hook,
+                                      "compile": compile, "seconds_incl_warmup": timer.total_seconds,
                                       "samples_per_sec_per_gpu": per_gpu, "samples_per_sec_total": per_gpu * devices,
                                       "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30,
                                       "device": torch.cuda.get_device_name()}), flush=True)
@@ -131,11 +140,14 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--comm-hook", choices=["none", "bf16"], default="none")
+    parser.add_argument("--compile", action="store_true", help="mllm: compile each decoder layer (module compile=True)")
+    parser.add_argument("--timeout", type=float, default=None, help="seconds per world size before it counts as hung")
     parser.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--work", type=Path, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker is not None:
-        worker(args.model, args.strategy, args.worker, args.batch, args.steps, args.warmup, args.comm_hook, args.work)
+        worker(args.model, args.strategy, args.worker, args.batch, args.steps, args.warmup, args.comm_hook, args.work,
+               args.compile)
         return
     if args.strategy == "fsdp" and args.model != "mllm":
         parser.error("--strategy fsdp is for --model mllm")
@@ -148,7 +160,20 @@ def main() -> None:
         command = [sys.executable, __file__, "--model", args.model, "--strategy", args.strategy,
                    "--worker", str(devices), "--batch", str(args.batch), "--steps", str(args.steps),
                    "--warmup", str(args.warmup), "--comm-hook", args.comm_hook, "--work", str(work)]
-        result = subprocess.run(command, capture_output=True, text=True)
+        command += ["--compile"] if args.compile else []
+        # A session of its own, so that a hung run's other ranks (Lightning's children) can be killed with it.
+        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                   start_new_session=True)
+        try:
+            stdout, stderr = process.communicate(timeout=args.timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGUSR2)  # every rank prints its stacks (faulthandler) before the kill
+            time.sleep(5)
+            os.killpg(process.pid, signal.SIGKILL)
+            stdout, stderr = process.communicate()
+            print(f"HUNG {devices} GPUs: no result after {args.timeout:.0f} s\n{stderr[-6000:]}", flush=True)
+            continue
+        result = subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
         for line in result.stdout.splitlines():
             if line.startswith("RESULT "):
                 print(line, flush=True)

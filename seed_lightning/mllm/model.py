@@ -22,6 +22,7 @@ import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import peft
 from peft.tuners.tuners_utils import BaseTunerLayer
@@ -33,6 +34,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from seed_lightning.core.errors import ConfigError
 from seed_lightning.core.io import write_json_atomic
 from seed_lightning.core.modes import eval_mode
+from seed_lightning.mllm.packing import block_causal_mask
 from seed_lightning.mllm.visual_vocab import VisualVocabulary
 
 SAVED_CONFIG_NAME = "seed_mllm.json"
@@ -40,6 +42,7 @@ EMBEDDING_ROWS_MULTIPLE = 64
 """Embedding matrices are padded to a multiple of this many rows (tensor-core friendly shapes)."""
 NEW_ROW_NOISE_SEED = 0
 NEW_ROW_NOISE_SCALE = 0.01
+ATTENTION_IMPLEMENTATIONS = ("sdpa", "eager", "flex_attention")
 
 
 @dataclass
@@ -79,8 +82,9 @@ class MultimodalLMConfig:
     """LoRA settings; None fine-tunes every weight."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass (non-reentrant, so it works with frozen inputs and LoRA)."""
-    attn_implementation: str = "sdpa"
-    """Attention kernel: "sdpa" or "eager" (packed rows need a 4D mask, which both accept)."""
+    attn_implementation: Literal["sdpa", "eager", "flex_attention"] = "sdpa"
+    """Attention kernel. Packed rows: "sdpa" and "eager" take a dense [R, 1, L, L] mask; "flex_attention"
+    (GPU; compiled on first use) takes a block-sparse document mask and skips the blocks between samples."""
 
 
 class VisualCodesOnly(LogitsProcessor):
@@ -101,10 +105,9 @@ class MultimodalLM(nn.Module):
 
     def __init__(self, config: MultimodalLMConfig) -> None:
         super().__init__()
-        if config.attn_implementation not in ("sdpa", "eager"):
-            raise ConfigError(
-                f"attn_implementation {config.attn_implementation!r} cannot take packed 4D masks; use 'sdpa' or 'eager'"
-            )
+        if config.attn_implementation not in ATTENTION_IMPLEMENTATIONS:
+            raise ConfigError(f"attn_implementation {config.attn_implementation!r} cannot take packed rows; use one of "
+                              f"{', '.join(ATTENTION_IMPLEMENTATIONS)}")
         self.config = config
         tokenizer_source = config.tokenizer or config.pretrained
         try:
@@ -260,6 +263,34 @@ class MultimodalLM(nn.Module):
             labels=labels,
             use_cache=False,
         )
+
+    def packed_attention_mask(self, segment_ids: torch.Tensor):
+        """The block-diagonal causal mask of packed rows (see `seed_lightning.mllm.packing`), in the form the
+        configured attention takes: a dense [R, 1, L, L] bool (sdpa) or additive (eager) mask, or a flex BlockMask."""
+        if self.config.attn_implementation == "flex_attention":
+            from torch.nn.attention.flex_attention import create_block_mask
+
+            def same_sample_causal(batch, head, query, key):
+                # Pads (segment 0) attend to earlier pads of their row: never targets, never attended to.
+                return (segment_ids[batch, query] == segment_ids[batch, key]) & (key <= query)
+
+            rows, length = segment_ids.shape
+            return create_block_mask(same_sample_causal, rows, None, length, length, device=segment_ids.device)
+        if self.config.attn_implementation == "eager":
+            return block_causal_mask(segment_ids, self.model.get_input_embeddings().weight.dtype)
+        return block_causal_mask(segment_ids)
+
+    def hidden_states(self, input_ids: torch.Tensor, segment_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        """Last hidden states [R, L, D] of packed rows (the input of `output_head`): each sample sees only itself."""
+        base = self.model.get_base_model() if isinstance(self.model, peft.PeftModel) else self.model
+        backbone = getattr(base, base.base_model_prefix)
+        return backbone(input_ids=input_ids, attention_mask=self.packed_attention_mask(segment_ids),
+                        position_ids=position_ids, use_cache=False).last_hidden_state
+
+    @property
+    def output_head(self) -> nn.Module:
+        """The LM head: hidden states -> vocabulary logits (trained, and tied to the input embeddings for OPT)."""
+        return self.model.get_output_embeddings()
 
     # ------------------------------------------------------------------------------ generation
     def caption(self, codes: torch.Tensor, max_new_tokens: int = 30, num_beams: int = 1) -> list[str]:

@@ -21,7 +21,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from seed_lightning.core.config import as_config, plain_hyperparameters
 from seed_lightning.core.data.text import clean_caption
@@ -32,6 +31,7 @@ from seed_lightning.core.optim import AdamWModule, OptimConfig
 from seed_lightning.core.preflight import check_files, check_folder, check_pretrained
 from seed_lightning.core.pretrained import WEIGHTS_FILE
 from seed_lightning.core.rng import restore_rng_states, save_rng_states
+from seed_lightning.mllm.loss import target_token_losses
 from seed_lightning.mllm.model import MultimodalLM, MultimodalLMConfig
 from seed_lightning.mllm.packing import IGNORE_INDEX, PackedBatch, build_sample, pack_samples, pad_batch
 from seed_lightning.mllm.vqa import read_vqa
@@ -75,17 +75,6 @@ class LossBreakdown:
     """Per-position loss [R, L] of predicting the token AT that position (0 where not a target)."""
     num_text: int
     num_image: int
-
-
-def token_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy [R, L] of predicting `labels[:, t]` from position t-1 (Hugging Face's unshifted labels).
-
-    Position 0 and IGNORE_INDEX labels get 0.
-    """
-    shifted = F.cross_entropy(
-        logits[:, :-1].float().flatten(0, 1), labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX, reduction="none"
-    ).view(labels.shape[0], -1)
-    return F.pad(shifted, (1, 0))
 
 
 class MLLMModule(AdamWModule):
@@ -257,15 +246,13 @@ class MLLMModule(AdamWModule):
         return rows
 
     def batch_losses(self, rows: PackedBatch) -> LossBreakdown:
-        """Forward the rows (4D block-diagonal mask + per-sample positions) and split the loss by token kind."""
+        """Forward the rows (block-diagonal mask + per-sample positions; the LM head runs only where there are
+        targets, see `seed_lightning.mllm.loss`) and split the loss by token kind."""
         device = self.device
-        output = self.mllm(
-            rows.input_ids.to(device),
-            attention_mask=rows.attention_mask().to(device),
-            position_ids=rows.position_ids.to(device),
-        )
+        hidden = self.mllm.hidden_states(rows.input_ids.to(device), rows.segment_ids.to(device),
+                                         rows.position_ids.to(device))
+        losses = target_token_losses(hidden, self.mllm.output_head, rows.labels)
         labels = rows.labels.to(device)
-        losses = token_losses(output.logits, labels)
         # Token counts from the host copies: counting on the device would stall the host mid-step.
         image_cpu = (rows.labels != IGNORE_INDEX) & rows.is_image
         num_image = int(image_cpu.sum())

@@ -275,3 +275,38 @@ def test_untied_embedding_copies_survive_a_merged_save(tiny_opt_dir, tmp_path):
 def test_load_without_a_saved_model_is_a_config_error(tmp_path):
     with pytest.raises(ConfigError, match="seed_mllm.json not found"):
         MultimodalLM.load(tmp_path)
+
+
+@pytest.mark.parametrize("attn_implementation", ["sdpa", "eager"])
+def test_hidden_states_through_the_head_are_the_logits_of_packed_rows(tiny_opt_dir, attn_implementation):
+    # The training loss runs the head on hidden states; with LoRA and tied, trained embeddings the two
+    # paths must compute the same numbers, and the head must be the trained (tied) matrix.
+    lm = make_lm(tiny_opt_dir, attn_implementation=attn_implementation).eval()
+    _, batch, _ = packed_pair(lm, CAPTIONS[0], CAPTIONS[1])
+    with torch.no_grad():
+        logits = lm(batch.input_ids, batch.attention_mask(), batch.position_ids).logits
+        hidden = lm.hidden_states(batch.input_ids, batch.segment_ids, batch.position_ids)
+        head_logits = lm.output_head(hidden)
+    real = batch.segment_ids > 0
+    torch.testing.assert_close(head_logits[real], logits[real], atol=1e-5, rtol=1e-5)
+    assert lm.output_head.weight.requires_grad
+    assert lm.output_head.weight is lm.model.get_input_embeddings().weight
+
+
+@pytest.mark.slow
+def test_flex_attention_packed_rows_equal_sdpa(tiny_opt_dir):
+    # flex_attention compiles its kernel on first use (about a minute on 2 CPU cores); GPUs are where it pays.
+    sdpa = make_lm(tiny_opt_dir).eval()
+    flex = make_lm(tiny_opt_dir, attn_implementation="flex_attention").eval()
+    flex.load_state_dict(sdpa.state_dict())
+    _, batch, _ = packed_pair(sdpa, CAPTIONS[0], CAPTIONS[1])
+    with torch.no_grad():
+        expected = sdpa.hidden_states(batch.input_ids, batch.segment_ids, batch.position_ids)
+        actual = flex.hidden_states(batch.input_ids, batch.segment_ids, batch.position_ids)
+    real = batch.segment_ids > 0
+    torch.testing.assert_close(actual[real], expected[real], atol=1e-4, rtol=1e-4)
+
+
+def test_an_attention_kernel_that_cannot_take_packed_rows_is_a_config_error(tiny_opt_dir):
+    with pytest.raises(ConfigError, match="flash_attention_2.*sdpa, eager, flex_attention"):
+        make_lm(tiny_opt_dir, attn_implementation="flash_attention_2")

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from seed_lightning.core.errors import ConfigError
 from seed_lightning.core.optim import build_optimizer
 from seed_lightning.mllm.model import LoraSettings, MultimodalLMConfig
-from seed_lightning.mllm.module import SEED_TOKENIZER_PREFIX, MLLMModule, VQATrainMix, token_losses
+from seed_lightning.mllm.module import SEED_TOKENIZER_PREFIX, MLLMModule, VQATrainMix
 from seed_lightning.mllm.packing import IGNORE_INDEX
 from seed_lightning.tokenizer.causal_qformer import CausalQFormerConfig
 from seed_lightning.tokenizer.heads import GenerationHeadConfig, ReconstructionHeadConfig
@@ -138,14 +138,6 @@ def test_text_and_image_losses_split_by_target_token():
     torch.testing.assert_close(breakdown.image_loss, image.mean(), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(breakdown.text_loss, text.mean(), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(breakdown.loss, torch.cat([text, image]).mean(), atol=1e-5, rtol=1e-5)
-
-
-def test_token_losses_ignore_pads_and_the_first_position():
-    logits = torch.randn(1, 4, 10)
-    labels = torch.tensor([[IGNORE_INDEX, 3, IGNORE_INDEX, 7]])
-    losses = token_losses(logits, labels)
-    assert losses[0, 0] == 0 and losses[0, 2] == 0
-    torch.testing.assert_close(losses[0, 3], F.cross_entropy(logits[0, 2], torch.tensor(7)))
 
 
 def test_sample_kinds_follow_the_configured_mix(tmp_path):
