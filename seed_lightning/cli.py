@@ -31,8 +31,8 @@ DEFAULT_MLLM = "checkpoints/mllm-tiny/export/merged"
 """Where `make train-mllm` leaves the merged multimodal LM."""
 DEFAULT_TOKENIZER = "checkpoints/tokenizer-tiny/seed_tokenizer"
 """Where `make train-tokenizer` leaves the SEED tokenizer."""
-DEFAULT_SD = "data/models/tiny-sd"
-"""The tiny Stable Diffusion folder `make data` builds."""
+DEFAULT_SD = "CompVis/stable-diffusion-v1-4"
+"""The paper's Stable Diffusion; `make train-mllm` prints the --sd of the tiny one."""
 
 USAGE = """usage: seed-lightning COMMAND ...
 
