@@ -140,6 +140,26 @@ def test_unusable_images_are_skipped(tokenizer_dir, tmp_path):
     assert [s["key"] for s in read_all(summary.shards)] == ["000000", "000001", "000003", "000004"]
 
 
+def test_extraction_skips_what_the_training_loaders_skip(tokenizer_dir, tmp_path, capsys):
+    """The loaders' rules (`decode_image_sample`) decide, so no token sample stands for an image training would drop."""
+    image = io.BytesIO()
+    Image.new("RGB", (40, 30), COLORS[0]).save(image, format="PNG")
+    samples = {
+        "good": {"png": image.getvalue(), "txt": "a red square"},
+        "nocaption": {"png": image.getvalue(), "txt": "..."},  # nothing left after cleaning
+        "listmeta": {"png": image.getvalue(), "txt": "a red square", "json": b"[1, 2]"},  # meta must be an object
+        "noimage": {"txt": "a red square"},
+    }
+    (tmp_path / "images").mkdir()
+    with TarWriter(str(tmp_path / "images" / "img-000000.tar"), mtime=0) as writer:
+        for key, members in samples.items():
+            writer.write({"__key__": key, **members})
+    summary = run(tokenizer_dir, str(tmp_path / "images" / "img-000000.tar"), tmp_path / "tokens")
+    assert [s["key"] for s in read_all(summary.shards)] == ["good"]
+    skipped = capsys.readouterr().err
+    assert all(f"'{reason}': 1" in skipped for reason in ("empty_caption", "bad_json", "missing_image")), skipped
+
+
 def test_tokens_of_another_tokenizer_are_not_mixed_in(tokenizer_dir, shards, tmp_path):
     run(tokenizer_dir, shards, tmp_path / "tokens")
     other = save_tokenizer(tmp_path / "other", seed=1)
