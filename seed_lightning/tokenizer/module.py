@@ -15,6 +15,7 @@ from typing import Literal
 import torch
 from transformers import AutoTokenizer
 
+from seed_lightning.core.checkpointing import load_checkpoint_data
 from seed_lightning.core.config import as_config, plain_hyperparameters
 from seed_lightning.core.distributed import ValSetMean, gather_objects, merge_by_index
 from seed_lightning.core.errors import ConfigError
@@ -140,7 +141,7 @@ class TokenizerModule(AdamWModule):
         if path.is_dir():
             return SeedTokenizer.load(path).train()  # loaded in eval mode; fit keeps modes, and the heads train
         tokenizer = SeedTokenizer.from_config(config)
-        state = torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
+        state = load_checkpoint_data(path, "model.init_from")["state_dict"]
         own = {k.removeprefix("tokenizer."): v for k, v in state.items() if k.startswith("tokenizer.")}
         missing, unexpected = tokenizer.load_state_dict(own, strict=False)
         if unexpected:
