@@ -256,8 +256,9 @@ def _generate_command(argv: list[str]) -> None:
     output_dir = os.path.dirname(os.path.abspath(args.output))
     if not os.path.isdir(output_dir):
         raise ConfigError(f"the folder of -o {args.output} does not exist; create it or choose another path")
-    # A hub id is "owner/name"; anything else that does not exist is a wrong local path.
-    if not os.path.exists(args.sd) and (args.sd.startswith((".", "/")) or args.sd.count("/") != 1):
+    from seed_lightning.core.preflight import is_hub_id
+
+    if not is_hub_id(args.sd) and not os.path.exists(os.path.expanduser(args.sd)):
         raise ConfigError(f"--sd {args.sd} does not exist; run make data or pass a Stable Diffusion folder/hub id")
     import torch
 

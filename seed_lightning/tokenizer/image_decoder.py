@@ -15,6 +15,7 @@ from PIL import Image
 from torch import nn
 
 from seed_lightning.core.errors import ConfigError, DataError
+from seed_lightning.core.preflight import is_hub_id
 
 
 class ImageDecoder(nn.Module):
@@ -59,8 +60,7 @@ class ImageDecoder(nn.Module):
         """Load a diffusers Stable Diffusion folder or hub id (UNet, VAE, scheduler, text encoder, tokenizer)."""
         sd_path = str(sd_path)
         # A mistyped folder fails here instead of as a hub request for a name that cannot exist there.
-        looks_local = sd_path.startswith(("/", ".", "~")) or sd_path.count("/") != 1
-        if looks_local and not os.path.isdir(os.path.expanduser(sd_path)):
+        if not is_hub_id(sd_path) and not os.path.isdir(os.path.expanduser(sd_path)):
             raise ConfigError(f"Stable Diffusion folder {sd_path!r} does not exist: pass a hub id (owner/name) or a folder")
         try:
             pipeline = StableDiffusionPipeline.from_pretrained(
