@@ -196,8 +196,8 @@ class TokenizerModule(AdamWModule):
             require_fp8_support(self.trainer.strategy.root_device)
             convert_linears_to_fp8(encoder)
         if self.hparams.compile:
-            # Multi-kernel lets Inductor also try single-pass (persistent) kernels for the LayerNorm/GELU rows
-            # (1408/6144 wide) and keep the faster: +7% on the FP8 stage-1 step (bench/RESULTS.md).
+            # Multi-kernel lets Inductor also try single-pass (persistent) kernels for the wide LayerNorm/GELU
+            # rows and keep the faster; bench/RESULTS.md measures the gain.
             encoder.compile(options={"triton.multi_kernel": 1})
             if self.stage == "codebook":
                 for part in self._stage2_trained_parts():
