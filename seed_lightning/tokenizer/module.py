@@ -23,7 +23,6 @@ from seed_lightning.core.fp8 import convert_linears_to_fp8, require_fp8_support
 from seed_lightning.core.frozen import FrozenDtype, resolve_frozen_dtype
 from seed_lightning.core.optim import AdamWModule, OptimConfig
 from seed_lightning.core.preflight import check_pretrained
-from seed_lightning.core.rng import restore_rng_states, save_rng_states
 from seed_lightning.tokenizer.embedding_cache import EmbeddingCache
 from seed_lightning.tokenizer.losses import contrastive_loss, cosine_reconstruction_loss
 from seed_lightning.tokenizer.model import SeedTokenizer, SeedTokenizerConfig
@@ -368,12 +367,6 @@ class TokenizerModule(AdamWModule):
         image_features = torch.stack([r["image"] for r in rows]).float()
         similarity = image_features @ torch.cat(text_features).t()
         return retrieval_recall(similarity, torch.tensor(owners))
-
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        save_rng_states(checkpoint)
-
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
-        restore_rng_states(checkpoint)
 
     def on_fit_end(self) -> None:
         if self._cache is not None:
