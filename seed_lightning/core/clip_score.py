@@ -18,7 +18,7 @@ from PIL import Image
 from torch import Tensor, nn
 from transformers import CLIPModel, CLIPProcessor
 
-from seed_lightning.core.errors import ConfigError, DataError
+from seed_lightning.core.errors import ConfigError, DataError, first_line
 from seed_lightning.core.preflight import is_hub_id
 
 if TYPE_CHECKING:
@@ -84,9 +84,8 @@ class CLIPScorer(nn.Module):
             self.model = ProjectedFeaturesCLIPModel.from_pretrained(model_name_or_path).eval()
             self.processor = CLIPProcessor.from_pretrained(model_name_or_path)
         except (OSError, ValueError) as error:
-            reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
             raise ConfigError(
-                f"cannot load a CLIP model + processor from {model_name_or_path!r} ({reason}): "
+                f"cannot load a CLIP model + processor from {model_name_or_path!r} ({first_line(error)}): "
                 "pass a hub id or a folder holding both (CLIPModel.save_pretrained + CLIPProcessor.save_pretrained)"
             ) from error
         self.model.requires_grad_(False)

@@ -14,7 +14,7 @@ from diffusers import StableDiffusionPipeline
 from PIL import Image
 from torch import nn
 
-from seed_lightning.core.errors import ConfigError, DataError
+from seed_lightning.core.errors import ConfigError, DataError, first_line
 from seed_lightning.core.preflight import is_hub_id
 
 
@@ -67,9 +67,8 @@ class ImageDecoder(nn.Module):
                 os.path.expanduser(sd_path), safety_checker=None, feature_extractor=None, requires_safety_checker=False
             )
         except (OSError, ValueError) as error:
-            reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
             raise ConfigError(
-                f"cannot load Stable Diffusion from {sd_path!r} ({reason}): "
+                f"cannot load Stable Diffusion from {sd_path!r} ({first_line(error)}): "
                 "point at a diffusers StableDiffusionPipeline folder or hub id"
             ) from None
         return cls(pipeline, num_inference_steps, guidance_scale, seed, height, width)
