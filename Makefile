@@ -65,7 +65,7 @@ extract-tokens: data $(TOKENS)/.complete  ## encode every image once into token 
 train-mllm: extract-tokens  ## train the tiny multimodal LM on the token shards (runs train-tokenizer if needed)
 	$(SEED) mllm fit --config $(MLLM_CONFIG) --ckpt_path last
 	@echo; echo "Multimodal LM saved to $(MLLM_RUN)/export (merged/: plain Hugging Face model; adapter/: LoRA, when used)"; \
-	 echo "Try: $(SEED) caption IMAGE   |   $(SEED) vqa IMAGE \"QUESTION\"   |   $(SEED) generate \"CAPTION\" -o out.png"; \
+	 echo "Try: $(SEED) caption IMAGE   |   $(SEED) vqa IMAGE \"QUESTION\"   |   $(SEED) generate \"CAPTION\" -o out.png --sd $(MODELS)/tiny-sd"; \
 	 echo "TensorBoard: $(VENV)/bin/tensorboard --logdir $(MLLM_RUN)"
 
 eval-tokenizer: data java  ## evaluate a tokenizer checkpoint: make eval-tokenizer CKPT=path.ckpt

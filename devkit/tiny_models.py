@@ -161,6 +161,27 @@ def _word_counts(lines: list[str], pre_tokenizer, normalizer=None) -> collection
     )
 
 
+def bert_words(lines: list[str]) -> list[str]:
+    """The corpus' words as BERT's uncased normaliser and pre-tokeniser cut them, most frequent first."""
+    counts = _word_counts(lines, pre_tokenizers.BertPreTokenizer(), normalizers.BertNormalizer(lowercase=True))
+    return sorted(counts, key=lambda word: (-counts[word], word))
+
+
+def clip_bpe_words(lines: list[str]) -> collections.Counter:
+    """The corpus as CLIP's BPE learns from it: {symbols of a word, the last one ending in "</w>": count}."""
+    from transformers import CLIPTokenizer
+
+    clip_pipeline = CLIPTokenizer().backend_tokenizer  # CLIP's normaliser and pre-tokeniser, empty vocabulary
+    words = _word_counts(lines, clip_pipeline.pre_tokenizer, clip_pipeline.normalizer)
+    return collections.Counter({(*word[:-1], word[-1] + "</w>"): count for word, count in words.items()})
+
+
+def opt_bpe_words(lines: list[str]) -> collections.Counter:
+    """The corpus as OPT's (GPT-2's) byte-level BPE learns from it, without prefix spaces: {symbols: count}."""
+    words = _word_counts(lines, pre_tokenizers.ByteLevel(add_prefix_space=False))
+    return collections.Counter({tuple(word): count for word, count in words.items()})
+
+
 def build_bert_tokenizer(lines: list[str], out: Path) -> None:
     """WordPiece over the corpus' whole words (most frequent first) plus every printable ASCII character.
 
@@ -169,10 +190,8 @@ def build_bert_tokenizer(lines: list[str], out: Path) -> None:
     """
     from transformers import BertTokenizer
 
-    counts = _word_counts(lines, pre_tokenizers.BertPreTokenizer(), normalizers.BertNormalizer(lowercase=True))
     characters = sorted({c.lower() for c in ASCII_ALPHABET})
-    words = sorted(counts, key=lambda word: (-counts[word], word))
-    tokens = list(dict.fromkeys([*BERT_SPECIAL_TOKENS, *characters, *("##" + c for c in characters), *words]))
+    tokens = list(dict.fromkeys([*BERT_SPECIAL_TOKENS, *characters, *("##" + c for c in characters), *bert_words(lines)]))
     vocab = {token: i for i, token in enumerate(tokens[: TINY.bert_vocab_target])}
     # BertTokenizer builds BERT's normaliser, pre-tokeniser and [CLS] ... [SEP] template around the vocab.
     BertTokenizer(vocab=vocab, model_max_length=TINY.qformer_max_positions).save_pretrained(out)
@@ -182,12 +201,9 @@ def build_clip_tokenizer(lines: list[str]):
     """A CLIPTokenizer whose BPE (CLIP's byte-level "</w>" format) is learnt from the corpus."""
     from transformers import CLIPTokenizer
 
-    clip_pipeline = CLIPTokenizer().backend_tokenizer  # CLIP's normaliser and pre-tokeniser, empty vocabulary
-    words = _word_counts(lines, clip_pipeline.pre_tokenizer, clip_pipeline.normalizer)
-    symbols = collections.Counter({(*word[:-1], word[-1] + "</w>"): count for word, count in words.items()})
     byte_alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
     base = byte_alphabet + [c + "</w>" for c in byte_alphabet]
-    merges = learn_bpe(symbols, TINY.clip_vocab_target - len(base) - 2)
+    merges = learn_bpe(clip_bpe_words(lines), TINY.clip_vocab_target - len(base) - 2)
     # CLIP's vocabulary layout: every byte symbol, every byte symbol ending a word, the merges, then the
     # two special tokens last (CLIPTextModel's legacy pooling looks for the highest id).
     tokens = list(dict.fromkeys(base + [left + right for left, right in merges])) + [CLIP_BOS, CLIP_EOS]
@@ -199,10 +215,8 @@ def build_opt_tokenizer(lines: list[str]):
     """A byte-level BPE learnt from the corpus, in OPT's GPT-2 format (no prefix space, </s> prepended)."""
     from transformers import GPT2Tokenizer
 
-    words = _word_counts(lines, pre_tokenizers.ByteLevel(add_prefix_space=False))
-    symbols = collections.Counter({tuple(word): count for word, count in words.items()})
     base = list(OPT_SPECIAL_TOKENS) + sorted(pre_tokenizers.ByteLevel.alphabet())
-    merges = learn_bpe(symbols, TINY.opt_vocab_target - len(base))
+    merges = learn_bpe(opt_bpe_words(lines), TINY.opt_vocab_target - len(base))
     tokens = list(dict.fromkeys(base + [left + right for left, right in merges]))
     return GPT2Tokenizer(
         vocab={token: i for i, token in enumerate(tokens)}, merges=merges, bos_token="</s>", eos_token="</s>",

@@ -31,8 +31,8 @@ DEFAULT_MLLM = "checkpoints/mllm-tiny/export/merged"
 """Where `make train-mllm` leaves the merged multimodal LM."""
 DEFAULT_TOKENIZER = "checkpoints/tokenizer-tiny/seed_tokenizer"
 """Where `make train-tokenizer` leaves the SEED tokenizer."""
-DEFAULT_SD = "data/models/tiny-sd"
-"""The tiny Stable Diffusion folder `make data` builds."""
+DEFAULT_SD = "CompVis/stable-diffusion-v1-4"
+"""The paper's Stable Diffusion; `make train-mllm` prints the --sd of the tiny one."""
 
 USAGE = """usage: seed-lightning COMMAND ...
 
@@ -256,8 +256,9 @@ def _generate_command(argv: list[str]) -> None:
     output_dir = os.path.dirname(os.path.abspath(args.output))
     if not os.path.isdir(output_dir):
         raise ConfigError(f"the folder of -o {args.output} does not exist; create it or choose another path")
-    # A hub id is "owner/name"; anything else that does not exist is a wrong local path.
-    if not os.path.exists(args.sd) and (args.sd.startswith((".", "/")) or args.sd.count("/") != 1):
+    from seed_lightning.core.preflight import is_hub_id
+
+    if not is_hub_id(args.sd) and not os.path.exists(os.path.expanduser(args.sd)):
         raise ConfigError(f"--sd {args.sd} does not exist; run make data or pass a Stable Diffusion folder/hub id")
     import torch
 

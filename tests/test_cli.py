@@ -26,6 +26,13 @@ def truncated_checkpoint(path: Path) -> Path:
     return path
 
 
+def test_generate_names_a_missing_sd_folder_before_loading_anything(tmp_path, capsys):
+    """`--sd` is a hub id or a folder, told apart as preflight does (`is_hub_id`): `~/...` is a folder."""
+    argv = ["generate", "a cat", "-o", str(tmp_path / "out.png"), "--mllm", str(tmp_path), "--sd", "~/no-such-sd"]
+    assert cli.main(argv) == 2
+    assert "--sd ~/no-such-sd does not exist" in capsys.readouterr().err
+
+
 @pytest.mark.slow
 def test_truncated_checkpoint_is_one_line_for_fit_validate_and_evaluate(tmp_path):
     checkpoint = truncated_checkpoint(tmp_path / "epoch=3.ckpt")

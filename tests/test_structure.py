@@ -184,3 +184,15 @@ def test_the_installed_packages_are_the_package_and_its_rooms_without_devkit():
     assert not [package for package in packages if in_room(package, "devkit")], packages
     expected = {name for name, path in package_modules().items() if path.name == "__init__.py"}
     assert packages == expected, f"shipped {sorted(packages)}, package folders {sorted(expected)}"
+
+
+def test_no_library_default_points_at_the_tiny_fixture_models():
+    """The tiny models are fixtures: conf/*/tiny*.yaml, the Makefile, devkit/ and the tests name them; the package's
+    defaults are the paper's hub ids or required arguments."""
+    offenders = [
+        f"{path.relative_to(REPO)}:{number}: {line.strip()}"
+        for path in sorted(PACKAGE.rglob("*.py"))
+        for number, line in enumerate(path.read_text().splitlines(), start=1)
+        if "data/models" in line
+    ]
+    assert not offenders, offenders

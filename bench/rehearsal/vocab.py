@@ -14,14 +14,13 @@ The files are written in the layout the hub repos ship (vocab.json + merges.txt 
 special_tokens_map.json), not in the layout transformers 5 would save.
 """
 
-import collections
 import itertools
 import json
 import random
 import string
 from pathlib import Path
 
-from tokenizers import normalizers, pre_tokenizers
+from tokenizers import pre_tokenizers
 
 from devkit import synthetic
 from devkit.tiny_models import (
@@ -29,8 +28,10 @@ from devkit.tiny_models import (
     CLIP_BOS,
     CLIP_EOS,
     OPT_SPECIAL_TOKENS,
-    _word_counts,
+    bert_words,
+    clip_bpe_words,
     learn_bpe,
+    opt_bpe_words,
 )
 
 OPT_VOCAB_SIZE = 50265
@@ -86,23 +87,17 @@ def opt_vocab(lines: list[str]) -> tuple[dict[str, int], list[tuple[str, str]]]:
     symbols = _byte_symbols()
     vocab.update({symbol: len(vocab) + i for i, symbol in enumerate(symbols)})
     merges: list[tuple[str, str]] = []
-    words = _word_counts(lines, pre_tokenizers.ByteLevel(add_prefix_space=False))
-    _add_merges(vocab, merges, learn_bpe(collections.Counter({tuple(w): c for w, c in words.items()}), LEARNT_MERGES))
+    _add_merges(vocab, merges, learn_bpe(opt_bpe_words(lines), LEARNT_MERGES))
     _fill(vocab, merges, itertools.product(symbols, symbols), OPT_VOCAB_SIZE)
     return vocab, merges
 
 
 def clip_vocab(lines: list[str]) -> tuple[dict[str, int], list[tuple[str, str]]]:
     """(vocab.json, merges) of a 49408-entry CLIP BPE ("</w>" word ends; the two special tokens last)."""
-    from transformers import CLIPTokenizer
-
     symbols = _byte_symbols()
     vocab = {token: i for i, token in enumerate(symbols + [s + "</w>" for s in symbols])}
     merges: list[tuple[str, str]] = []
-    pipeline = CLIPTokenizer().backend_tokenizer  # CLIP's normaliser and pre-tokeniser, empty vocabulary
-    words = _word_counts(lines, pipeline.pre_tokenizer, pipeline.normalizer)
-    learnt = learn_bpe(collections.Counter({(*w[:-1], w[-1] + "</w>"): c for w, c in words.items()}), LEARNT_MERGES)
-    _add_merges(vocab, merges, learnt)
+    _add_merges(vocab, merges, learn_bpe(clip_bpe_words(lines), LEARNT_MERGES))
     letters = symbols[:36]
     candidates = itertools.chain(
         ((a, b + "</w>") for a, b in itertools.product(letters, letters)),
@@ -121,11 +116,9 @@ def bert_vocab(lines: list[str]) -> list[str]:
     tokens = [pad] + [f"[unused{i}]" for i in range(99)] + [unk, cls, sep, mask]
     tokens += [f"[unused{i}]" for i in range(99, 994)]
     characters = [c for c in string.printable if not c.isspace() and not c.isupper()]
-    counts = _word_counts(lines, pre_tokenizers.BertPreTokenizer(), normalizers.BertNormalizer(lowercase=True))
-    words = sorted(counts, key=lambda word: (-counts[word], word))
     filler = (prefix + "".join(p) for n in (2, 3) for p in itertools.product(string.ascii_lowercase, repeat=n)
               for prefix in ("", "##"))
-    candidates = itertools.chain(characters, ("##" + c for c in characters), words, filler)
+    candidates = itertools.chain(characters, ("##" + c for c in characters), bert_words(lines), filler)
     return list(itertools.islice(dict.fromkeys(itertools.chain(tokens, candidates)), BERT_VOCAB_SIZE))
 
 

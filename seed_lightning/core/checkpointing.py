@@ -217,6 +217,22 @@ def checkpoint_problem(path: str | os.PathLike, training_state: bool = True) -> 
     return None
 
 
+def load_checkpoint_data(path: str | os.PathLike, option: str) -> dict[str, Any]:
+    """`torch.load(weights_only=True)` of a checkpoint: this project stores tensors and plain data only. A file
+    that needs pickle's trust (an older version's or someone else's) is a ConfigError naming `option`, and
+    nothing in it runs."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        if "weights_only" not in str(exc):
+            raise
+        raise ConfigError(
+            f"{option}: {path} holds pickled objects besides tensors and plain data, which are not loaded unchecked;"
+            f" if you trust it, keep its weights only: torch.save({{'state_dict': torch.load('{path}',"
+            " weights_only=False)['state_dict']}, 'weights.ckpt') and point at that file"
+        ) from None
+
+
 def last_checkpoints(checkpoint_dir: str | os.PathLike) -> list[Path]:
     """The `last*.ckpt` files in `checkpoint_dir` (including `.prev` ones), newest first."""
     directory = Path(checkpoint_dir)

@@ -18,7 +18,8 @@ from PIL import Image
 from torch import Tensor, nn
 from transformers import CLIPModel, CLIPProcessor
 
-from seed_lightning.core.errors import ConfigError, DataError
+from seed_lightning.core.errors import ConfigError, DataError, first_line
+from seed_lightning.core.preflight import is_hub_id
 
 if TYPE_CHECKING:
     from torchmetrics.multimodal.clip_score import CLIPScore
@@ -72,8 +73,7 @@ class CLIPScorer(nn.Module):
     def __init__(self, model_name_or_path: str = "openai/clip-vit-large-patch14") -> None:
         super().__init__()
         # Fail fast on a mistyped folder instead of asking the hub about a name that cannot exist there.
-        looks_local = model_name_or_path.startswith(("/", ".", "~")) or model_name_or_path.count("/") != 1
-        if looks_local:
+        if not is_hub_id(model_name_or_path):
             model_name_or_path = str(Path(model_name_or_path).expanduser())
             if not Path(model_name_or_path).is_dir():
                 raise ConfigError(
@@ -84,9 +84,8 @@ class CLIPScorer(nn.Module):
             self.model = ProjectedFeaturesCLIPModel.from_pretrained(model_name_or_path).eval()
             self.processor = CLIPProcessor.from_pretrained(model_name_or_path)
         except (OSError, ValueError) as error:
-            reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
             raise ConfigError(
-                f"cannot load a CLIP model + processor from {model_name_or_path!r} ({reason}): "
+                f"cannot load a CLIP model + processor from {model_name_or_path!r} ({first_line(error)}): "
                 "pass a hub id or a folder holding both (CLIPModel.save_pretrained + CLIPProcessor.save_pretrained)"
             ) from error
         self.model.requires_grad_(False)

@@ -11,3 +11,9 @@ class ConfigError(SeedLightningError, ValueError):
 
 class DataError(SeedLightningError, RuntimeError):
     """Input data (shards, annotation files, images) cannot be used."""
+
+
+def first_line(error: BaseException) -> str:
+    """The first line of `error`'s message (its class name when it has none), to quote in a one-line error."""
+    message = str(error).strip()
+    return message.splitlines()[0] if message else type(error).__name__

@@ -1,5 +1,6 @@
 """Optimiser parameter groups, the warm-up + cosine learning-rate schedule used by every stage, and
-`AdamWModule`, the LightningModule base that wires them (and gradient clipping) into Lightning."""
+`AdamWModule`, the LightningModule base that wires them (and gradient clipping, and the RNG states in
+checkpoints) into Lightning."""
 
 import math
 from dataclasses import dataclass
@@ -11,6 +12,7 @@ from lightning.pytorch.utilities import GradClipAlgorithmType
 from torch import nn
 
 from seed_lightning.core.errors import ConfigError
+from seed_lightning.core.rng import restore_rng_states, save_rng_states
 
 
 @dataclass
@@ -94,7 +96,9 @@ def build_scheduler(optimizer: torch.optim.Optimizer, config: OptimConfig, total
 
 class AdamWModule(L.LightningModule):
     """Base of the SEED LightningModules: AdamW + warm-up/cosine from `self.optim_config` (set it in
-    `__init__`), and `Trainer(gradient_clip_val=...)` clipping that also works with the fused AdamW and FSDP."""
+    `__init__`), `Trainer(gradient_clip_val=...)` clipping that also works with the fused AdamW and FSDP, and
+    every rank's RNG states in each checkpoint (a resumed run draws the same dropout masks). Subclasses that
+    override the checkpoint hooks call `super()`."""
 
     optim_config: OptimConfig
 
@@ -124,3 +128,9 @@ class AdamWModule(L.LightningModule):
             self.trainer.model.clip_grad_norm_(gradient_clip_val)  # the FSDP root: the norm over all shards
         else:
             Precision.clip_gradients(precision, optimizer, gradient_clip_val, algorithm)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        save_rng_states(checkpoint)
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        restore_rng_states(checkpoint)

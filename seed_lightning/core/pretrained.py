@@ -21,7 +21,7 @@ from safetensors import safe_open
 from torch import nn
 from transformers import AutoConfig, PreTrainedConfig
 
-from seed_lightning.core.errors import ConfigError
+from seed_lightning.core.errors import ConfigError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +57,7 @@ def load_hf_config(path: str | os.PathLike) -> PreTrainedConfig:
     try:
         return AutoConfig.from_pretrained(path)
     except (OSError, ValueError) as error:
-        raise ConfigError(f"cannot read the config of {path}: {str(error).splitlines()[0]}") from None
+        raise ConfigError(f"cannot read the config of {path}: {first_line(error)}") from None
 
 
 def load_state_dict(path: str | os.PathLike, prefixes: str | Iterable[str]) -> dict[str, torch.Tensor]:

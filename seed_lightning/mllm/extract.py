@@ -18,8 +18,8 @@ are refused instead of being mixed in.
 
 import argparse
 import hashlib
-import io
 import json
+import random
 import re
 import sys
 from collections import Counter
@@ -31,7 +31,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from seed_lightning.core.data.shards import IMAGE_EXTENSIONS, expand_urls, index_tar, iter_tar_samples
+from seed_lightning.core.data.shards import SkipSample, decode_image_sample, expand_urls, index_tar, iter_tar_samples
 from seed_lightning.core.distributed import RankInfo, rank_info
 from seed_lightning.core.errors import ConfigError, DataError
 from seed_lightning.core.io import write_json_atomic
@@ -52,26 +52,22 @@ def iter_images(
 ) -> Iterator[tuple[str, str, dict[str, Any], torch.Tensor]]:
     """(key, caption, meta, pixels [3, S, S] = preprocess([image])[0]) for every usable sample, in shard order.
 
-    Samples without an image or caption, or with an undecodable image or bad JSON, are skipped and counted
-    by reason; the same input always gives the same sequence (extraction resume relies on it).
+    A sample is usable when the training loaders could use it (`decode_image_sample`'s skip rules; skips are
+    counted by reason); its caption is kept as stored, since training cleans it. The same input always gives
+    the same sequence (extraction resume relies on it).
     """
+    def transform(image: Image.Image, rng: random.Random) -> torch.Tensor:
+        return preprocess([image])[0]  # the inference input: deterministic, `rng` goes unused
+
+    rng = random.Random(0)
     for url in urls:
         for raw in iter_tar_samples(url, skipped):
-            extension = next((ext for ext in IMAGE_EXTENSIONS if ext in raw), None)
-            if extension is None or raw.get("txt") is None:
-                skipped["missing_image" if extension is None else "missing_caption"] += 1
-                continue
             try:
-                meta = json.loads(raw["json"]) if raw.get("json") is not None else {}
-            except ValueError:
-                skipped["bad_json"] += 1
+                sample = decode_image_sample(raw, rng, transform)
+            except SkipSample as skip:
+                skipped[skip.reason] += 1
                 continue
-            try:
-                pixels = preprocess([Image.open(io.BytesIO(raw[extension]))])[0]
-            except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError):
-                skipped["corrupt_image"] += 1
-                continue
-            yield raw["__key__"], raw["txt"].decode("utf-8", errors="replace").strip(), meta, pixels
+            yield sample["key"], raw["txt"].decode("utf-8", errors="replace").strip(), sample["meta"], sample["pixel_values"]
 
 
 def tokenizer_fingerprint(directory: str | Path) -> str:

@@ -70,8 +70,8 @@ class LoraSettings:
 class MultimodalLMConfig:
     """What `MultimodalLM` loads and how it is adapted."""
 
-    pretrained: str = "data/models/tiny-opt"
-    """Hub id or local folder of any AutoModelForCausalLM (paper: facebook/opt-2.7b)."""
+    pretrained: str = "facebook/opt-2.7b"
+    """Hub id or local folder of any AutoModelForCausalLM (default: the paper's)."""
     tokenizer: str | None = None
     """Hub id or folder of the tokenizer; None uses `pretrained`."""
     num_visual_codes: int = 8192

@@ -30,7 +30,6 @@ from seed_lightning.core.frozen import FrozenDtype, resolve_frozen_dtype
 from seed_lightning.core.optim import AdamWModule, OptimConfig
 from seed_lightning.core.preflight import check_files, check_folder, check_pretrained
 from seed_lightning.core.pretrained import WEIGHTS_FILE
-from seed_lightning.core.rng import restore_rng_states, save_rng_states
 from seed_lightning.mllm.loss import target_token_losses
 from seed_lightning.mllm.model import MultimodalLM, MultimodalLMConfig
 from seed_lightning.mllm.packing import IGNORE_INDEX, PackedBatch, build_sample, pack_samples, pad_batch
@@ -325,12 +324,12 @@ class MLLMModule(AdamWModule):
         state = checkpoint["state_dict"]
         for name in [name for name in state if name.startswith(SEED_TOKENIZER_PREFIX)]:
             del state[name]
-        save_rng_states(checkpoint)
+        super().on_save_checkpoint(checkpoint)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         if self.seed_tokenizer is not None:
             checkpoint["state_dict"].update(self.seed_tokenizer.state_dict(prefix=SEED_TOKENIZER_PREFIX))
-        restore_rng_states(checkpoint)
+        super().on_load_checkpoint(checkpoint)
 
     def on_fit_end(self) -> None:
         export_dir = self.hparams.export_dir

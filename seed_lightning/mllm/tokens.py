@@ -2,7 +2,8 @@
 
 A sample is `KEY.codes` (the codes as little-endian int16, 64 bytes for 32 codes), `KEY.txt` (the
 caption, UTF-8) and `KEY.json` (metadata, sorted keys). Tar headers are fixed (mtime 0, fixed
-owner and mode), so the same input gives byte-identical shards.
+owner and mode), so the same input gives byte-identical shards. They are read like image shards, by
+`seed_lightning.core.data.shards` (`iter_tar_samples`, `decode_codes_sample`).
 
 Extraction is resumable: a shard is written to `NAME.tmp`, renamed when full, and only then recorded
 in `{prefix}-manifest.json` (also replaced atomically). A rerun skips the samples of recorded shards
@@ -17,13 +18,12 @@ import json
 import os
 import struct
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from webdataset import TarWriter
-from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from seed_lightning.core.errors import ConfigError, DataError
 from seed_lightning.core.io import write_json_atomic
@@ -38,40 +38,6 @@ def encode_codes(codes: torch.Tensor) -> bytes:
     if values and (min(values) < 0 or max(values) >= CODE_LIMIT):
         raise DataError(f"codes must lie in [0, {CODE_LIMIT}) to be stored as int16, got [{min(values)}, {max(values)}]")
     return struct.pack(f"<{len(values)}h", *values)
-
-
-def decode_codes(data: bytes) -> torch.Tensor:
-    """Little-endian int16 bytes -> LongTensor of codes."""
-    if len(data) % 2:
-        raise DataError(f"a .codes entry must hold int16 values, got {len(data)} bytes; regenerate the token shards")
-    return torch.tensor(struct.unpack(f"<{len(data) // 2}h", data), dtype=torch.long)
-
-
-@dataclass
-class TokenSample:
-    """One decoded token-shard sample."""
-
-    key: str
-    codes: torch.Tensor
-    caption: str
-    meta: dict[str, Any] = field(default_factory=dict)
-
-
-def decode_token_sample(sample: dict[str, Any]) -> TokenSample:
-    """A raw WebDataset sample (extension -> bytes) -> TokenSample; usable as a `.map` stage."""
-    missing = [ext for ext in ("codes", "txt") if ext not in sample]
-    if missing:
-        raise DataError(f"token sample {sample.get('__key__')!r} in {sample.get('__url__')} lacks "
-                        f"{', '.join('.' + ext for ext in missing)}; regenerate the token shards")
-    meta = json.loads(sample["json"]) if "json" in sample else {}
-    return TokenSample(sample["__key__"], decode_codes(sample["codes"]), sample["txt"].decode("utf-8"), meta)
-
-
-def read_token_shard(path: str | Path) -> Iterator[TokenSample]:
-    """Iterate over the samples of one token shard, in stored order."""
-    with open(path, "rb") as stream:
-        for sample in group_by_keys(tar_file_expander([{"url": str(path), "stream": stream}])):
-            yield decode_token_sample(sample)
 
 
 class TokenShardWriter:

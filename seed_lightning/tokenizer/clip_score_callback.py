@@ -47,8 +47,8 @@ class CLIPScoreCallback(IndexedValidationCallback):
 
     def __init__(
         self,
-        clip_model: str = "data/models/tiny-clip",
-        sd_path: str = "data/models/tiny-sd",
+        clip_model: str = "openai/clip-vit-large-patch14",
+        sd_path: str = "CompVis/stable-diffusion-v1-4",
         num_images: int = 16,
         num_inference_steps: int = 50,
         guidance_scale: float = 7.5,
@@ -60,9 +60,10 @@ class CLIPScoreCallback(IndexedValidationCallback):
     ) -> None:
         """
         Args:
-            clip_model: CLIP model + processor scoring the images (hub id such as openai/clip-vit-large-patch14,
-                or a folder holding both).
-            sd_path: Stable Diffusion (diffusers folder or hub id) decoding generation embeddings to images.
+            clip_model: CLIP model + processor scoring the images (hub id or a folder holding both; default: the
+                paper's).
+            sd_path: Stable Diffusion (diffusers folder or hub id; default: the paper's) decoding generation
+                embeddings to images.
             num_images: Val samples (the first by val index) generated and scored per evaluation.
             num_inference_steps: Diffusion sampling steps (reference: 50).
             guidance_scale: Classifier-free guidance scale (reference: 7.5).

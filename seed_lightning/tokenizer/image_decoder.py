@@ -14,7 +14,8 @@ from diffusers import StableDiffusionPipeline
 from PIL import Image
 from torch import nn
 
-from seed_lightning.core.errors import ConfigError, DataError
+from seed_lightning.core.errors import ConfigError, DataError, first_line
+from seed_lightning.core.preflight import is_hub_id
 
 
 class ImageDecoder(nn.Module):
@@ -59,17 +60,15 @@ class ImageDecoder(nn.Module):
         """Load a diffusers Stable Diffusion folder or hub id (UNet, VAE, scheduler, text encoder, tokenizer)."""
         sd_path = str(sd_path)
         # A mistyped folder fails here instead of as a hub request for a name that cannot exist there.
-        looks_local = sd_path.startswith(("/", ".", "~")) or sd_path.count("/") != 1
-        if looks_local and not os.path.isdir(os.path.expanduser(sd_path)):
+        if not is_hub_id(sd_path) and not os.path.isdir(os.path.expanduser(sd_path)):
             raise ConfigError(f"Stable Diffusion folder {sd_path!r} does not exist: pass a hub id (owner/name) or a folder")
         try:
             pipeline = StableDiffusionPipeline.from_pretrained(
                 os.path.expanduser(sd_path), safety_checker=None, feature_extractor=None, requires_safety_checker=False
             )
         except (OSError, ValueError) as error:
-            reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
             raise ConfigError(
-                f"cannot load Stable Diffusion from {sd_path!r} ({reason}): "
+                f"cannot load Stable Diffusion from {sd_path!r} ({first_line(error)}): "
                 "point at a diffusers StableDiffusionPipeline folder or hub id"
             ) from None
         return cls(pipeline, num_inference_steps, guidance_scale, seed, height, width)

@@ -15,6 +15,7 @@ from typing import Literal
 import torch
 from transformers import AutoTokenizer
 
+from seed_lightning.core.checkpointing import load_checkpoint_data
 from seed_lightning.core.config import as_config, plain_hyperparameters
 from seed_lightning.core.distributed import ValSetMean, gather_objects, merge_by_index
 from seed_lightning.core.errors import ConfigError
@@ -22,7 +23,6 @@ from seed_lightning.core.fp8 import convert_linears_to_fp8, require_fp8_support
 from seed_lightning.core.frozen import FrozenDtype, resolve_frozen_dtype
 from seed_lightning.core.optim import AdamWModule, OptimConfig
 from seed_lightning.core.preflight import check_pretrained
-from seed_lightning.core.rng import restore_rng_states, save_rng_states
 from seed_lightning.tokenizer.embedding_cache import EmbeddingCache
 from seed_lightning.tokenizer.losses import contrastive_loss, cosine_reconstruction_loss
 from seed_lightning.tokenizer.model import SeedTokenizer, SeedTokenizerConfig
@@ -140,7 +140,7 @@ class TokenizerModule(AdamWModule):
         if path.is_dir():
             return SeedTokenizer.load(path).train()  # loaded in eval mode; fit keeps modes, and the heads train
         tokenizer = SeedTokenizer.from_config(config)
-        state = torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
+        state = load_checkpoint_data(path, "model.init_from")["state_dict"]
         own = {k.removeprefix("tokenizer."): v for k, v in state.items() if k.startswith("tokenizer.")}
         missing, unexpected = tokenizer.load_state_dict(own, strict=False)
         if unexpected:
@@ -195,8 +195,8 @@ class TokenizerModule(AdamWModule):
             require_fp8_support(self.trainer.strategy.root_device)
             convert_linears_to_fp8(encoder)
         if self.hparams.compile:
-            # Multi-kernel lets Inductor also try single-pass (persistent) kernels for the LayerNorm/GELU rows
-            # (1408/6144 wide) and keep the faster: +7% on the FP8 stage-1 step (bench/RESULTS.md).
+            # Multi-kernel lets Inductor also try single-pass (persistent) kernels for the wide LayerNorm/GELU
+            # rows and keep the faster; bench/RESULTS.md measures the gain.
             encoder.compile(options={"triton.multi_kernel": 1})
             if self.stage == "codebook":
                 for part in self._stage2_trained_parts():
@@ -367,12 +367,6 @@ class TokenizerModule(AdamWModule):
         image_features = torch.stack([r["image"] for r in rows]).float()
         similarity = image_features @ torch.cat(text_features).t()
         return retrieval_recall(similarity, torch.tensor(owners))
-
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        save_rng_states(checkpoint)
-
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
-        restore_rng_states(checkpoint)
 
     def on_fit_end(self) -> None:
         if self._cache is not None:

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from seed_lightning.core.errors import ConfigError
+from seed_lightning.core.errors import ConfigError, first_line
 
 
 class SDTextEncoder(nn.Module):
@@ -29,7 +29,7 @@ class SDTextEncoder(nn.Module):
             tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer")
         except (OSError, ValueError) as error:
             raise ConfigError(
-                f"cannot load the SD text encoder from {path} ({str(error).splitlines()[0]}); "
+                f"cannot load the SD text encoder from {path} ({first_line(error)}); "
                 "point at a Stable Diffusion folder/hub id with text_encoder/ and tokenizer/"
             ) from None
         return cls(text_model, tokenizer)

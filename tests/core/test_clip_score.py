@@ -104,3 +104,5 @@ def test_scorer_bad_folder_is_a_config_error(tmp_path):
         CLIPScorer(str(tmp_path / "missing"))
     with pytest.raises(ConfigError, match="cannot load a CLIP model"):
         CLIPScorer(str(tmp_path))  # exists but holds no model
+    with pytest.raises(ConfigError, match="does not exist"):
+        CLIPScorer("no such/clip")  # cannot be a hub id (`is_hub_id`, as preflight decides): never asks the hub

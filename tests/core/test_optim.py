@@ -1,7 +1,10 @@
+import io
 import math
+import random
 from types import SimpleNamespace
 
 import lightning as L
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -166,3 +169,17 @@ def test_norm_clipping_under_fsdp_goes_through_the_fsdp_root_module():
                                       gradient_clip_algorithm=None, model=fsdp_root)
     module.configure_gradient_clipping(torch.optim.AdamW(nn.Linear(2, 2).parameters()), 1.0, None)
     assert clipped == [1.0]
+
+
+def test_checkpoints_carry_the_rng_states_a_resumed_run_draws_from():
+    module = AdamWModule()
+    checkpoint = {}
+    torch.manual_seed(0), random.seed(0), np.random.seed(0)
+    module.on_save_checkpoint(checkpoint)
+    expected = (torch.rand(3).tolist(), random.random(), float(np.random.rand()))
+    torch.manual_seed(1), random.seed(1), np.random.seed(1)
+    buffer = io.BytesIO()
+    torch.save(checkpoint, buffer)
+    buffer.seek(0)
+    module.on_load_checkpoint(torch.load(buffer, weights_only=True))
+    assert (torch.rand(3).tolist(), random.random(), float(np.random.rand())) == expected

@@ -11,9 +11,9 @@ from PIL import Image
 from webdataset import TarWriter
 
 from seed_lightning import cli
+from seed_lightning.core.data.shards import decode_codes_sample, iter_tar_samples
 from seed_lightning.core.errors import ConfigError
 from seed_lightning.mllm import extract
-from seed_lightning.mllm.tokens import read_token_shard
 from seed_lightning.tokenizer.causal_qformer import CausalQFormerConfig
 from seed_lightning.tokenizer.heads import GenerationHeadConfig, ReconstructionHeadConfig
 from seed_lightning.tokenizer.model import SeedTokenizer, SeedTokenizerConfig
@@ -78,23 +78,24 @@ def run(tokenizer_dir, shards, out, **kwargs):
     return extract.extract_split(tokenizer_dir, shards, out, "train", **options)
 
 
-def read_all(paths):
-    return [sample for path in paths for sample in read_token_shard(path)]
+def read_all(paths, codes_per_image: int = 32) -> list[dict]:
+    """The samples as the data module reads them."""
+    return [decode_codes_sample(raw, None, codes_per_image) for path in paths for raw in iter_tar_samples(str(path))]
 
 
 def test_every_image_once_with_its_codes_caption_and_meta(tokenizer_dir, shards, tmp_path):
     summary = run(tokenizer_dir, shards, tmp_path / "tokens")
     samples = read_all(summary.shards)
-    assert [s.key for s in samples] == [f"{s:03d}{i:03d}" for s in range(2) for i in range(5)]
+    assert [s["key"] for s in samples] == [f"{s:03d}{i:03d}" for s in range(2) for i in range(5)]
     assert [p.name for p in summary.shards] == ["train-000000.tar", "train-000001.tar", "train-000002.tar"]
-    assert samples[3].caption == "caption 000003" and samples[3].meta["image_id"] == 3
-    assert samples[7].meta["captions"] == ["caption 001002", "other 001002"]
+    assert samples[3]["caption"] == "caption 000003" and samples[3]["meta"]["image_id"] == 3
+    assert samples[7]["meta"]["captions"] == ["caption 001002", "other 001002"]
     tokenizer = SeedTokenizer.load(tokenizer_dir).eval()
     image = Image.new("RGB", (42, 30), COLORS[2])
     image.paste((255, 255, 255), (10, 0, 20, 10))
     expected = tokenizer.encode(tokenizer.preprocess([image]))[0]
-    assert torch.equal(samples[2].codes, expected), "codes are the tokenizer's eval-transform codes of the image"
-    assert len({tuple(s.codes.tolist()) for s in samples}) > 1
+    assert torch.equal(samples[2]["codes"], expected), "codes are the tokenizer's eval-transform codes of the image"
+    assert len({tuple(s["codes"].tolist()) for s in samples}) > 1
 
 
 def test_extraction_is_deterministic(tokenizer_dir, shards, tmp_path):
@@ -129,14 +130,34 @@ def test_ranks_split_the_shards_and_write_their_own_prefix(tokenizer_dir, shards
     monkeypatch.setenv("WORLD_SIZE", "2")
     summary = run(tokenizer_dir, shards, tmp_path / "tokens")
     samples = read_all(summary.shards)
-    assert [s.key for s in samples] == [f"001{i:03d}" for i in range(5)], "rank 1 takes the second shard"
+    assert [s["key"] for s in samples] == [f"001{i:03d}" for i in range(5)], "rank 1 takes the second shard"
     assert all(p.name.startswith("train-rank1-") for p in summary.shards)
 
 
 def test_unusable_images_are_skipped(tokenizer_dir, tmp_path):
     shards = write_image_shards(tmp_path / "images", num_shards=1, corrupt_key="000002")
     summary = run(tokenizer_dir, shards, tmp_path / "tokens")
-    assert [s.key for s in read_all(summary.shards)] == ["000000", "000001", "000003", "000004"]
+    assert [s["key"] for s in read_all(summary.shards)] == ["000000", "000001", "000003", "000004"]
+
+
+def test_extraction_skips_what_the_training_loaders_skip(tokenizer_dir, tmp_path, capsys):
+    """The loaders' rules (`decode_image_sample`) decide, so no token sample stands for an image training would drop."""
+    image = io.BytesIO()
+    Image.new("RGB", (40, 30), COLORS[0]).save(image, format="PNG")
+    samples = {
+        "good": {"png": image.getvalue(), "txt": "a red square"},
+        "nocaption": {"png": image.getvalue(), "txt": "..."},  # nothing left after cleaning
+        "listmeta": {"png": image.getvalue(), "txt": "a red square", "json": b"[1, 2]"},  # meta must be an object
+        "noimage": {"txt": "a red square"},
+    }
+    (tmp_path / "images").mkdir()
+    with TarWriter(str(tmp_path / "images" / "img-000000.tar"), mtime=0) as writer:
+        for key, members in samples.items():
+            writer.write({"__key__": key, **members})
+    summary = run(tokenizer_dir, str(tmp_path / "images" / "img-000000.tar"), tmp_path / "tokens")
+    assert [s["key"] for s in read_all(summary.shards)] == ["good"]
+    skipped = capsys.readouterr().err
+    assert all(f"'{reason}': 1" in skipped for reason in ("empty_caption", "bad_json", "missing_image")), skipped
 
 
 def test_tokens_of_another_tokenizer_are_not_mixed_in(tokenizer_dir, shards, tmp_path):
@@ -157,8 +178,8 @@ def test_command_line_takes_the_codes_per_image_from_the_tokenizer(shards, tmp_p
     assert cli.main(argv) == 0
     assert "10 samples in 1 token shards" in capsys.readouterr().out
     assert json.loads((tmp_path / "t" / "tokens-tokenizer.json").read_text())["tokenizer"] == tokenizer
-    samples = read_all(sorted((tmp_path / "t").glob("tokens-*.tar")))
-    assert len(samples) == 10 and all(s.codes.shape == (16,) for s in samples)
+    samples = read_all(sorted((tmp_path / "t").glob("tokens-*.tar")), codes_per_image=16)
+    assert len(samples) == 10 and all(s["codes"].shape == (16,) for s in samples)
     assert "--config" not in extract.build_parser().format_help(), "numbers come from the tokenizer, not an LM config"
 
 

@@ -72,3 +72,10 @@ def test_rejects_wrong_width_and_seed_count(decoder):
 def test_missing_folder_is_a_config_error(tmp_path):
     with pytest.raises(ConfigError, match="Stable Diffusion"):
         ImageDecoder.from_pretrained(tmp_path / "nowhere")
+
+
+@pytest.mark.parametrize("path", ["no such/sd", "~/no-such-sd"])
+def test_a_missing_folder_that_cannot_be_a_hub_id_is_named_as_missing(path):
+    """Hub ids are told from paths as preflight tells them (`is_hub_id`): these never reach the hub."""
+    with pytest.raises(ConfigError, match=f"Stable Diffusion folder '{path}' does not exist"):
+        ImageDecoder.from_pretrained(path)

@@ -1,9 +1,12 @@
+from pathlib import Path
+
 import lightning as L
 import pytest
 from tests.resume_helpers import assert_resume_reproduces, fit_recording, resume_callbacks
 import torch
 
 from seed_lightning.core.data.datamodule import ShardDataModule, ShardSource
+from seed_lightning.core.errors import ConfigError
 from seed_lightning.core.optim import OptimConfig
 from seed_lightning.tokenizer.causal_qformer import CausalQFormerConfig
 from seed_lightning.tokenizer.heads import GenerationHeadConfig, ReconstructionHeadConfig
@@ -118,6 +121,33 @@ def test_a_saved_tokenizer_as_init_from_trains_with_dropout_on(default_world, tm
     tok = make_module(default_world, stage="codebook", init_from=str(tmp_path / "stage1")).tokenizer
     assert tok.gen_head.training and tok.recon_head.training, "Lightning's fit does not call train() itself"
     assert not tok.qformer.training and not tok.vision.model.training  # frozen in stage 2
+
+
+@pytest.mark.slow
+def test_a_stage_1_lightning_checkpoint_as_init_from_loads_as_plain_data(default_world, tmp_path):
+    stage1 = make_module(default_world)
+    fit = trainer(tmp_path, max_steps=1, limit_val_batches=0, callbacks=resume_callbacks(tmp_path, None))
+    fit.fit(stage1, datamodule=make_data(default_world, batch_size=4, samples=4))
+    tok = make_module(default_world, stage="codebook", init_from=str(tmp_path / "ckpt" / "last.ckpt")).tokenizer
+    trained = stage1.tokenizer.state_dict()
+    assert all(torch.equal(value, trained[name]) for name, value in tok.qformer.state_dict(prefix="qformer.").items())
+
+
+class RunsOnUnpickling:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_an_init_from_checkpoint_with_pickled_objects_is_refused_unrun(default_world, tmp_path):
+    marker = tmp_path / "ran"
+    torch.save({"state_dict": {}, "callbacks": RunsOnUnpickling(marker)}, tmp_path / "foreign.ckpt")
+    with pytest.raises(ConfigError, match="model.init_from: .*foreign.ckpt holds pickled objects") as error:
+        make_module(default_world, stage="codebook", init_from=str(tmp_path / "foreign.ckpt"))
+    assert len(str(error.value).splitlines()) == 1
+    assert not marker.exists(), "nothing in an untrusted checkpoint runs"
 
 
 def test_codebook_stage_caches_causal_embeddings(default_world, tmp_path):

@@ -48,3 +48,12 @@ def test_text_encoder_is_frozen(sd_dir):
 def test_missing_folder_is_a_config_error(tmp_path):
     with pytest.raises(ConfigError, match="Stable Diffusion folder"):
         SDTextEncoder.from_pretrained(tmp_path / "nowhere")
+
+
+def test_a_load_error_without_a_message_is_named_by_its_class(tmp_path, monkeypatch):
+    def fail(*args, **kwargs):
+        raise OSError()
+
+    monkeypatch.setattr(CLIPTextModel, "from_pretrained", fail)
+    with pytest.raises(ConfigError, match=r"cannot load the SD text encoder from .* \(OSError\)"):
+        SDTextEncoder.from_pretrained(tmp_path)

@@ -258,9 +258,13 @@ def _meta(raw: dict[str, Any]) -> dict[str, Any]:
 
 
 def decode_image_sample(
-    raw: dict[str, Any], rng: random.Random, transform: ImageTransform, max_words: int = 50
+    raw: dict[str, Any],
+    rng: random.Random,
+    transform: Callable[[Image.Image, random.Random], torch.Tensor],
+    max_words: int = 50,
 ) -> dict[str, Any]:
-    """Raw sample -> {"pixel_values": FloatTensor[3,S,S], "caption": cleaned str, "key", "meta": dict}.
+    """Raw sample -> {"pixel_values": FloatTensor[3,S,S], "caption": cleaned str, "key", "meta": dict}, with
+    `transform(image, rng)` (an `ImageTransform`, or token extraction's inference preprocessing).
 
     Skips (SkipSample reason): missing_image, corrupt_image, missing_caption, empty_caption, bad_json.
     """

@@ -82,9 +82,8 @@ def draft_for_box(image: Image.Image, box: Box, output_size: int) -> Box:
     """Ask PIL to decode a not-yet-loaded JPEG at 1/2, 1/4 or 1/8 scale where the crop `box` still keeps at least
     `output_size` pixels per side; returns `box` in the coordinates of the (possibly) reduced image.
 
-    JPEG decoding dominates the loader's CPU time for large photos; DCT-domain downscaling is several times
-    cheaper (measured on one CPU core: 50 -> 137 img/s for 1024x768 photos). Non-JPEGs and already loaded
-    images are left as they are.
+    JPEG decoding dominates the loader's CPU time for large photos, and DCT-domain downscaling is much cheaper
+    (bench/RESULTS.md, data pipeline). Non-JPEGs and already loaded images are left as they are.
     """
     width, height = image.size
     crop_w, crop_h = box[2] - box[0], box[3] - box[1]
