@@ -19,7 +19,8 @@ def _collect() -> dict:
     version, python_state, python_gauss = random.getstate()
     return {
         "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        # This rank's own device only: a process of another layout (one GPU visible per node) has no device 1.
+        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else [],
         "numpy": [numpy_name, torch.from_numpy(numpy_keys.astype(np.int64)), numpy_pos, numpy_has_gauss, numpy_gauss],
         "python": [version, list(python_state), python_gauss],
     }
@@ -27,8 +28,12 @@ def _collect() -> dict:
 
 def _apply(state: dict) -> None:
     torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cuda = state["cuda"]
+    if isinstance(cuda, list):  # checkpoints before the per-device state: every visible device's, by index
+        device = torch.cuda.current_device() if cuda and torch.cuda.is_available() else None
+        cuda = cuda[device] if device is not None and device < len(cuda) else None
+    if cuda is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(cuda)
     name, keys, pos, has_gauss, gauss = state["numpy"]
     np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
     version, python_state, python_gauss = state["python"]
