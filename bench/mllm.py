@@ -2,9 +2,10 @@
 
 Samples: 10-20 words (13-26 BPE tokens at GPT-2's ~1.3 tokens/word) + <img> 32 codes </img> + BOS/EOS.
 Project: the real MLLMModule (packed rows, block-diagonal causal mask, per-sample positions) under a
-bf16-mixed Lightning Trainer. THE baseline (same run, same samples, same trainable set): what a careful
-user writes with plain transformers + peft: OPTForCausalLM loaded in bf16 (frozen weights stay bf16, the
-trained ones - LoRA, embeddings/head, LayerNorms - in fp32), SDPA, one sample per row padded to the
+bf16-mixed Lightning Trainer, fed rows that its RowBuilder made before timing (in training the DataLoader
+workers build them while the GPU steps). THE baseline (same run, same samples, same trainable set): what a
+careful user writes with plain transformers + peft: OPTForCausalLM loaded in bf16 (frozen weights stay bf16,
+the trained ones - LoRA, embeddings/head, LayerNorms - in fp32), SDPA, one sample per row padded to the
 longest, 2D padding mask, autocast bf16, fused AdamW. A second baseline row loads the model in fp32.
 
 Useful tokens = non-pad tokens. MFU FLOPs per useful token = sum over every nn.Linear of 6 x params
@@ -81,6 +82,13 @@ MODEL_OPTIONS = ("attn_implementation",)
 """Variant keys that configure MultimodalLMConfig rather than MLLMModule."""
 
 
+def ready_rows(module, batches: list[dict], rank: int = 0) -> list[dict]:
+    """The train batches as the DataLoader workers hand them to `training_step`: rows built by the module's
+    RowBuilder (batch i as stream batch i of `rank`), pinned so that their copy to the GPU is asynchronous."""
+    ready = [module.row_builder.train_batch(batch, rank, index) for index, batch in enumerate(batches)]
+    return [{**batch, "rows": batch["rows"].pin_memory()} for batch in ready]
+
+
 def project(folder: str, batches: list[dict], steps: int, warmup: int, peak: float, max_length: int,
             variant: str, baseline_rate: float, callbacks: tuple = ()) -> None:
     from seed_lightning.core.throughput import ThroughputCallback
@@ -93,23 +101,15 @@ def project(folder: str, batches: list[dict], steps: int, warmup: int, peak: flo
     model_options = {key: options.pop(key) for key in MODEL_OPTIONS if key in options}
     module = MLLMModule(MultimodalLMConfig(pretrained=folder, **model_options), max_length=max_length, **options)
     per_token, _ = linear_flops_per_token(module.mllm.model)
-    original_collate = module.collate
-
-    def collate(samples, prompt_lengths=None):
-        rows = original_collate(samples, prompt_lengths)
-        module.bench_tokens = int((rows.segment_ids > 0).sum())
-        module.bench_rows = rows.input_ids.shape
-        return rows
-
-    module.collate = collate
-    module.throughput_counts = lambda batch: (len(batch["caption"]), module.bench_tokens)
     module.flops_per_token = lambda: per_token
+    rows = ready_rows(module, batches)  # useful tokens per step: the module's throughput_counts (non-pad tokens)
     meter = ThroughputCallback(peak_flops=peak, log_every_n_steps=steps, skip_first_steps=warmup)
     reset_memory()
-    lightning_trainer(warmup + steps, [meter, *callbacks]).fit(module, loader(lambda i: batches[i % len(batches)], warmup + steps))
+    lightning_trainer(warmup + steps, [meter, *callbacks]).fit(module, loader(lambda i: rows[i % len(rows)], warmup + steps))
     rate = meter.history[-1]["tokens_per_sec"]
     report("mllm", f"project MLLMModule {variant} L={max_length}", variant={**options, **model_options},
-           useful_tokens_per_sec=rate, samples_per_step=len(batches[0]["caption"]), rows_shape=list(module.bench_rows),
+           useful_tokens_per_sec=rate, samples_per_step=len(batches[0]["caption"]),
+           rows_shape=list(rows[-1]["rows"].input_ids.shape),
            gflops_per_token=per_token / 1e9, flops_formula="sum over nn.Linear: 6N trainable, 4N frozen",
            **mfu_fields(rate * per_token, peak), peak_mem_gib=peak_memory_gib(), ratio_to_baseline=rate / baseline_rate)
     del module

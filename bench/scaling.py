@@ -86,9 +86,11 @@ def mllm_module_and_batches(work: Path, local_rank: int, compile: bool):
     from seed_lightning.mllm.model import MultimodalLMConfig
     from seed_lightning.mllm.module import MLLMModule
 
+    import mllm
+
     module = MLLMModule(MultimodalLMConfig(pretrained=str(work / "opt")), max_length=256, packing=True, compile=compile)
-    batches = torch.load(work / f"batches-{local_rank % 2}.pt")
-    return module, lambda index: batches[index % len(batches)]
+    rows = mllm.ready_rows(module, torch.load(work / f"batches-{local_rank % 2}.pt"), rank=local_rank)
+    return module, lambda index: rows[index % len(rows)]
 
 
 def worker(model: str, strategy: str, devices: int, batch: int, steps: int, warmup: int, comm_hook: str,

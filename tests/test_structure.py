@@ -31,6 +31,8 @@ LIGHTNING_FREE = [
     "seed_lightning.mllm.model",
     "seed_lightning.mllm.visual_vocab",
     "seed_lightning.mllm.packing",
+    "seed_lightning.mllm.prompts",
+    "seed_lightning.mllm.rows",
     "seed_lightning.mllm.captions",
     "seed_lightning.mllm.vqa",
     "seed_lightning.core.clip_score",

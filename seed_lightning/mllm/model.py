@@ -35,6 +35,7 @@ from seed_lightning.core.errors import ConfigError
 from seed_lightning.core.io import write_json_atomic
 from seed_lightning.core.modes import eval_mode
 from seed_lightning.mllm.packing import block_causal_mask
+from seed_lightning.mllm.prompts import QUESTION, vqa_prompt
 from seed_lightning.mllm.visual_vocab import VisualVocabulary
 
 SAVED_CONFIG_NAME = "seed_mllm.json"
@@ -303,10 +304,10 @@ class MultimodalLM(nn.Module):
         self, codes: torch.Tensor, questions: list[str], max_new_tokens: int = 10, num_beams: int = 5,
         batch_size: int | None = None,
     ) -> list[str]:
-        """Short answers: prompt `<img> codes </img>Question: {q} Answer:`, beam search, first sentence kept;
-        at most `batch_size` prompts per generate call (None: no limit)."""
+        """Short answers: prompt `<img> codes </img>Question: {q} Answer:` (`prompts.vqa_prompt`), beam search,
+        first sentence kept; at most `batch_size` prompts per generate call (None: no limit)."""
         spans = self.visual.image_span(codes).tolist()
-        prompts = [[self.bos_id, *span, *self.text_ids(f"Question: {question} Answer:")]
+        prompts = [[self.bos_id, *span, *self.text_ids(vqa_prompt(question))]
                    for span, question in zip(spans, questions, strict=True)]
         new_tokens = self._generate(prompts, batch_size, max_new_tokens=max_new_tokens, num_beams=num_beams,
                                     do_sample=False)
@@ -421,5 +422,5 @@ class MultimodalLM(nn.Module):
 def short_answer(text: str) -> str:
     """First line and first sentence of a generated answer, stopping before any follow-up "Question:"."""
     line = text.strip().split("\n", 1)[0]
-    line = line.split("Question:", 1)[0]
+    line = line.split(QUESTION, 1)[0]
     return re.split(r"(?<=[.!?])\s", line.strip(), maxsplit=1)[0].strip()

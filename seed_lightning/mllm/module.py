@@ -5,9 +5,10 @@ probability `p_image_to_text`, else text-to-image `caption <img> codes </img>`; 
 image that has training questions becomes `<img> codes </img>Question: q Answer: a` with probability
 `vqa_train.probability` instead. The sequences are packed into rows of `max_length` tokens with a
 block-diagonal causal mask and per-sample position ids (`seed_lightning.mllm.packing`), so a packed
-sample computes exactly what it would alone. The loss is the mean next-token cross-entropy over every
-non-pad token (VQA samples: the answer tokens only); its text-token and image-token parts are logged
-separately.
+sample computes exactly what it would alone. The DataLoader workers build the rows (`seed_lightning.mllm.rows`:
+`setup` hands the module's `RowBuilder` to the data module), so the steps receive ready tensors. The loss
+is the mean next-token cross-entropy over every non-pad token (VQA samples: the answer tokens only); its
+text-token and image-token parts are logged separately.
 
 Validation computes, for every val image, both directions: `val/caption_loss` (caption tokens given the
 image) and `val/image_loss` (the 32 codes given the caption), as token means over the whole val set. Generation
@@ -15,7 +16,6 @@ metrics (captions, VQA, images) come from callbacks that use `self.mllm` and `se
 """
 
 import logging
-import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,16 +23,16 @@ from pathlib import Path
 import torch
 
 from seed_lightning.core.config import as_config, plain_hyperparameters
-from seed_lightning.core.data.text import clean_caption
 from seed_lightning.core.distributed import ValSetMean
 from seed_lightning.core.errors import ConfigError
 from seed_lightning.core.frozen import FrozenDtype, resolve_frozen_dtype
 from seed_lightning.core.optim import AdamWModule, OptimConfig
 from seed_lightning.core.preflight import check_files, check_folder, check_pretrained
 from seed_lightning.core.pretrained import WEIGHTS_FILE
-from seed_lightning.mllm.loss import target_token_losses
+from seed_lightning.mllm.loss import chunked_token_losses
 from seed_lightning.mllm.model import MultimodalLM, MultimodalLMConfig
-from seed_lightning.mllm.packing import IGNORE_INDEX, PackedBatch, build_sample, pack_samples, pad_batch
+from seed_lightning.mllm.packing import IGNORE_INDEX, PackedBatch
+from seed_lightning.mllm.rows import CAPTIONING_ROWS, GENERATION_ROWS, ROWS, RowBuilder
 from seed_lightning.mllm.vqa import read_vqa
 from seed_lightning.tokenizer.model import CONFIG_FILE, SeedTokenizer
 
@@ -105,7 +105,8 @@ class MLLMModule(AdamWModule):
             all_captions: train on a random one of the image's reference captions (meta "captions") instead of
                 only its KEY.txt caption.
             vqa_train: mix in VQA samples for training images that have questions; None trains on captions only.
-            sample_seed: seed of the per-step choice of sample kinds and captions (with the step and rank).
+            sample_seed: seed of the per-batch choice of sample kinds and captions (with the rank and the batch's
+                index in the rank's train stream, which is the global step without gradient accumulation).
             export_dir: at the end of fit the LoRA adapter (`adapter/`) and the merged model (`merged/`) are
                 saved here.
             frozen_dtype: dtype the LM's frozen weights (all but LoRA and modules_to_save) are held in: "auto" =
@@ -128,11 +129,23 @@ class MLLMModule(AdamWModule):
         self.optim_config = optim
         self.seed_tokenizer = self._load_seed_tokenizer(tokenizer, model) if tokenizer else None
         self.mllm = MultimodalLM(model).train()  # from_pretrained returns eval mode; training wants dropout on
-        self.vqa_by_image = self._load_vqa(vqa_train) if vqa_train is not None else {}
-        self.vqa_probability = vqa_train.probability if vqa_train is not None else 0.0
+        self.row_builder = RowBuilder(
+            tokenizer=self.mllm.tokenizer,
+            visual=self.mllm.visual,
+            bos_id=self.mllm.bos_id,
+            eos_id=self.mllm.eos_id,
+            pad_id=self.mllm.pad_id,
+            max_length=max_length,
+            packing=packing,
+            p_image_to_text=p_image_to_text,
+            all_captions=all_captions,
+            vqa_questions=self._load_vqa(vqa_train) if vqa_train is not None else {},
+            vqa_probability=vqa_train.probability if vqa_train is not None else 0.0,
+            sample_seed=sample_seed,
+        )
+        """What the DataLoader workers build this module's rows with (see `setup`)."""
         self.val_means = torch.nn.ModuleDict({name: ValSetMean() for name in ("caption_loss", "image_loss", "loss")})
         self._batch_started: float | None = None
-        self._batch_tokens = 0
         self._prepared = False
 
     # ---- construction -------------------------------------------------------------------------
@@ -175,7 +188,9 @@ class MLLMModule(AdamWModule):
         return by_image
 
     def setup(self, stage: str) -> None:
-        """Frozen weights to their dtype (+ compilation) once, before the Trainer moves the module."""
+        """Rows built in the data module's workers; frozen weights to their dtype (+ compilation) once, before the
+        Trainer moves the module."""
+        self._connect_data()
         if self._prepared:
             return
         self._prepared = True
@@ -189,75 +204,34 @@ class MLLMModule(AdamWModule):
             for layer in self.mllm.decoder_layers():
                 layer.compile()
 
+    def _connect_data(self) -> None:
+        """Hand the row builder to the data module, whose DataLoader workers then turn every batch into rows. Without
+        a data module (loaders given to `fit` directly) the loaders must yield such rows themselves."""
+        datamodule = self.trainer.datamodule
+        if datamodule is None:
+            return
+        if not callable(getattr(datamodule, "connect", None)):
+            raise ConfigError(f"{type(datamodule).__name__} cannot build the MLLM's rows in its workers: use "
+                              "seed_lightning.core.data.datamodule.ShardDataModule (data.kind: codes)")
+        datamodule.connect(train=self.row_builder.train_batch, val=self.row_builder.val_batch)
+
     def train(self, mode: bool = True):
         super().train(mode)
         if self.seed_tokenizer is not None:  # frozen: no dropout, ever
             self.seed_tokenizer.eval()
         return self
 
-    # ---- samples ------------------------------------------------------------------------------
-    def _caption_for(self, caption: str, meta: dict, rng: random.Random) -> str:
-        references = [clean_caption(text) for text in meta.get("captions") or []] if self.hparams.all_captions else []
-        references = [text for text in references if text]
-        return rng.choice(references) if references else caption
-
-    def build_samples(
-        self, batch: dict, rng: random.Random
-    ) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], list[int]]:
-        """One training sequence (input_ids, is_image) per image of a token-shard batch, and per sequence the
-        length of its prompt, which gets no loss (0 for caption samples; BOS + image + question for VQA)."""
-        mllm = self.mllm
-        spans = mllm.visual.image_span(batch["codes"].cpu()).tolist()
-        samples, prompt_lengths = [], []
-        for span, caption, meta in zip(spans, batch["caption"], batch["meta"], strict=True):
-            questions = self.vqa_by_image.get(meta.get("image_id"))
-            if questions and rng.random() < self.vqa_probability:
-                question, answer = rng.choice(questions)
-                # Prompt ids exactly as MultimodalLM.answer builds them, then the answer with its own space.
-                prompt = mllm.text_ids(f"Question: {question} Answer:")
-                text = prompt + mllm.text_ids(f" {answer}")
-                samples.append(build_sample("i2t", text, span, mllm.bos_id, mllm.eos_id))
-                # Only the answer is a target: trained on the question too, the LM would continue a bare
-                # `<img>..</img>` (the captioning prompt) with "Question:" instead of a caption.
-                prompt_lengths.append(1 + len(span) + len(prompt))
-                continue
-            caption = self._caption_for(caption, meta, rng)
-            if rng.random() < self.hparams.p_image_to_text:
-                # The tokenizer adds no prefix space: the caption after `</img>` needs its own.
-                samples.append(build_sample("i2t", mllm.text_ids(f" {caption}"), span, mllm.bos_id, mllm.eos_id))
-            else:
-                samples.append(build_sample("t2i", mllm.text_ids(caption), span, mllm.bos_id, mllm.eos_id))
-            prompt_lengths.append(0)
-        return samples, prompt_lengths
-
-    def collate(
-        self, samples: list[tuple[torch.Tensor, torch.Tensor]], prompt_lengths: list[int] | None = None
-    ) -> PackedBatch:
-        """Pack (or pad) the samples into rows, as configured; the first `prompt_lengths[i]` tokens of sample i
-        are not targets."""
-        if self.hparams.packing:
-            rows = pack_samples(samples, self.hparams.max_length, self.mllm.pad_id)
-        else:
-            rows = pad_batch(samples, self.mllm.pad_id)
-        if prompt_lengths and any(prompt_lengths):
-            lengths = torch.tensor([0, *prompt_lengths])  # segment 0 = pads
-            rows.labels[rows.position_ids < lengths[rows.segment_ids]] = IGNORE_INDEX
-        return rows
-
+    # ---- steps ---------------------------------------------------------------------------------
     def batch_losses(self, rows: PackedBatch) -> LossBreakdown:
-        """Forward the rows (block-diagonal mask + per-sample positions; the LM head runs only where there are
-        targets, see `seed_lightning.mllm.loss`) and split the loss by token kind."""
-        device = self.device
-        hidden = self.mllm.hidden_states(rows.input_ids.to(device), rows.segment_ids.to(device),
-                                         rows.position_ids.to(device))
-        losses = target_token_losses(hidden, self.mllm.output_head, rows.labels)
-        labels = rows.labels.to(device)
-        # Token counts from the host copies: counting on the device would stall the host mid-step.
-        image_cpu = (rows.labels != IGNORE_INDEX) & rows.is_image
-        num_image = int(image_cpu.sum())
-        num_text = int((rows.labels != IGNORE_INDEX).sum()) - num_image
-        image = image_cpu.to(device)
-        text = (labels != IGNORE_INDEX) & ~image
+        """Forward rows on this module's device (block-diagonal mask + per-sample positions; the LM head runs a
+        chunk of positions at a time, see `seed_lightning.mllm.loss`) and split the loss by token kind."""
+        hidden = self.mllm.hidden_states(rows.input_ids, rows.segment_ids, rows.position_ids)
+        losses = chunked_token_losses(hidden, self.mllm.output_head, rows.labels)
+        # Token counts come with the rows, counted in the workers: counting on the device would stall the host.
+        num_text, num_image = rows.num_text_targets, rows.num_image_targets
+        targets = rows.labels != IGNORE_INDEX
+        image = targets & rows.is_image
+        text = targets & ~rows.is_image
         return LossBreakdown(
             loss=losses.sum() / max(1, num_text + num_image),
             text_loss=(losses * text).sum() / max(1, num_text),
@@ -271,12 +245,22 @@ class MLLMModule(AdamWModule):
     def on_train_batch_start(self, batch: dict, batch_idx: int) -> None:
         self._batch_started = time.perf_counter()
 
+    @staticmethod
+    def _rows(batch: dict, name: str) -> PackedBatch:
+        if name not in batch:
+            raise ConfigError(f"MLLMModule got a batch without {name!r}: its rows are built by the data loaders "
+                              "(ShardDataModule connected in setup, or loaders that yield RowBuilder batches)")
+        return batch[name]
+
+    def throughput_counts(self, batch: dict) -> tuple[int, int]:
+        """Samples and non-pad tokens of a train batch (for `seed_lightning.core.throughput.ThroughputCallback`)."""
+        rows = batch[ROWS]
+        return rows.num_samples, rows.num_tokens
+
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        rng = random.Random(f"{self.hparams.sample_seed}/{self.global_rank}/{self.global_step}")
-        rows = self.collate(*self.build_samples(batch, rng))
+        rows = self._rows(batch, ROWS)
         losses = self.batch_losses(rows)
-        self._batch_tokens = losses.num_text + losses.num_image
-        batch_size = len(batch["caption"])
+        batch_size = rows.num_samples
         self.log("train/loss", losses.loss, prog_bar=True, batch_size=batch_size)
         if losses.num_text:
             self.log("train/text_loss", losses.text_loss, batch_size=batch_size)
@@ -290,25 +274,20 @@ class MLLMModule(AdamWModule):
     def on_train_batch_end(self, outputs, batch: dict, batch_idx: int) -> None:
         if self._batch_started is not None:
             seconds = time.perf_counter() - self._batch_started
+            rows = batch[ROWS]
             # Useful (non-pad target) tokens over the whole step: forward, backward and optimiser.
-            self.log("train/tokens_per_sec", self._batch_tokens / max(seconds, 1e-9), prog_bar=True,
-                     batch_size=len(batch["caption"]))
+            tokens = rows.num_text_targets + rows.num_image_targets
+            self.log("train/tokens_per_sec", tokens / max(seconds, 1e-9), prog_bar=True, batch_size=rows.num_samples)
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        mllm = self.mllm
-        spans = mllm.visual.image_span(batch["codes"].cpu()).tolist()
-        image_to_text = [build_sample("i2t", mllm.text_ids(f" {c}"), s, mllm.bos_id, mllm.eos_id)
-                         for s, c in zip(spans, batch["caption"])]
-        text_to_image = [build_sample("t2i", mllm.text_ids(c), s, mllm.bos_id, mllm.eos_id)
-                         for s, c in zip(spans, batch["caption"])]
-        captioning_rows = self.collate(image_to_text)
+        captioning_rows = self._rows(batch, CAPTIONING_ROWS)
         captioning = self.batch_losses(captioning_rows)
-        generation = self.batch_losses(self.collate(text_to_image))
+        generation = self.batch_losses(self._rows(batch, GENERATION_ROWS))
         # Caption loss: the caption tokens and EOS after `</img>`, not the (trivial) image markers.
-        labels = captioning_rows.labels.to(self.device)
-        markers = torch.tensor([mllm.visual.begin_image_id, mllm.visual.end_image_id], device=self.device)
-        is_image = captioning_rows.is_image.to(self.device)
-        caption_targets = (labels != IGNORE_INDEX) & ~is_image & ~torch.isin(labels, markers)
+        labels = captioning_rows.labels
+        visual = self.mllm.visual
+        markers = torch.tensor([visual.begin_image_id, visual.end_image_id], device=labels.device)
+        caption_targets = (labels != IGNORE_INDEX) & ~captioning_rows.is_image & ~torch.isin(labels, markers)
         caption_loss = (captioning.token_losses * caption_targets).sum() / caption_targets.sum().clamp(min=1)
         tokens = [captioning.num_text + captioning.num_image, generation.num_text + generation.num_image]
         loss = (captioning.loss * tokens[0] + generation.loss * tokens[1]) / sum(tokens)

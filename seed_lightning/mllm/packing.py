@@ -8,12 +8,16 @@ Packing scheme: several samples share one row of `max_length` tokens. Each sampl
 position ids (restarting at 0) and a block-diagonal causal 4D mask stops attention across samples,
 so a packed sample computes exactly what it would compute alone. Labels follow the Hugging Face
 convention (unshifted; the model shifts them by one): every non-pad token is a target except the
-first token of each sample, which would otherwise be predicted from the previous sample's last token.
+first token of each sample, which would otherwise be predicted from the previous sample's last token,
+and a sample's prompt (e.g. a VQA question) when one is given. Rows are built in the DataLoader
+workers (`seed_lightning.mllm.rows`), so they also carry their token counts as plain ints: the training
+step reads them without waiting for the device.
 
 Future work (GPU): flash-attention "varlen" kernels can take the sample boundaries from the position
 ids alone (no L x L mask); this module keeps to the portable 4D-mask path.
 """
 
+import dataclasses
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -72,12 +76,27 @@ class PackedBatch:
     """1 + index of the token's sample in the input list; 0 on pads."""
     is_image: torch.Tensor
     """True on visual code tokens."""
+    num_samples: int = 0
+    """Samples laid out in the rows."""
+    num_tokens: int = 0
+    """Non-pad tokens."""
+    num_text_targets: int = 0
+    """Targets (labels other than IGNORE_INDEX) that are not visual codes: text, `<img>`/`</img>`, EOS."""
+    num_image_targets: int = 0
+    """Targets that are visual codes."""
     num_truncated: int = 0
     """Samples cut to the row length."""
 
     def attention_mask(self, dtype: torch.dtype = torch.bool) -> torch.Tensor:
-        """The block-diagonal causal mask of these rows, see `block_causal_mask`."""
+        """The block-diagonal causal mask of these rows, see `block_causal_mask` (on the rows' device)."""
         return block_causal_mask(self.segment_ids, dtype)
+
+    def pin_memory(self) -> "PackedBatch":
+        """A copy in page-locked memory (the DataLoader's `pin_memory` calls this), so that Lightning's copy to the
+        GPU does not block the host."""
+        tensors = {field.name: getattr(self, field.name) for field in dataclasses.fields(self)}
+        return dataclasses.replace(self, **{name: value.pin_memory() for name, value in tensors.items()
+                                            if isinstance(value, torch.Tensor)})
 
 
 def block_causal_mask(segment_ids: torch.Tensor, dtype: torch.dtype = torch.bool) -> torch.Tensor:
@@ -105,8 +124,10 @@ def pack_samples(
     samples: Sequence[tuple[torch.Tensor, torch.Tensor]],
     max_length: int,
     pad_id: int,
+    prompt_lengths: Sequence[int] | None = None,
 ) -> PackedBatch:
-    """Pack (input_ids, is_image) samples into rows of exactly `max_length` tokens.
+    """Pack (input_ids, is_image) samples into rows of exactly `max_length` tokens; the first `prompt_lengths[i]`
+    tokens of sample i are no targets (None: only its first token, as for every sample).
 
     First-fit decreasing: longest sample first, each into the first row with room; a sample is never
     split. Samples longer than `max_length` are truncated (counted in `num_truncated`).
@@ -127,15 +148,18 @@ def pack_samples(
             row = len(rows) - 1
         rows[row].append(index)
         room[row] -= lengths[index]
-    batch = _fill_rows(samples, rows, max_length, pad_id)
+    batch = _fill_rows(samples, rows, max_length, pad_id, prompt_lengths)
     batch.num_truncated = num_truncated
     return batch
 
 
-def pad_batch(samples: Sequence[tuple[torch.Tensor, torch.Tensor]], pad_id: int) -> PackedBatch:
-    """The unpacked baseline: one sample per row, right-padded to the longest sample."""
+def pad_batch(
+    samples: Sequence[tuple[torch.Tensor, torch.Tensor]], pad_id: int, prompt_lengths: Sequence[int] | None = None
+) -> PackedBatch:
+    """The unpacked baseline: one sample per row, right-padded to the longest sample (`prompt_lengths` as in
+    `pack_samples`)."""
     longest = max(len(ids) for ids, _ in samples)
-    return _fill_rows(samples, [[index] for index in range(len(samples))], longest, pad_id)
+    return _fill_rows(samples, [[index] for index in range(len(samples))], longest, pad_id, prompt_lengths)
 
 
 def _fill_rows(
@@ -143,8 +167,9 @@ def _fill_rows(
     rows: list[list[int]],
     length: int,
     pad_id: int,
+    prompt_lengths: Sequence[int] | None,
 ) -> PackedBatch:
-    """Lay the samples out as given by `rows` (sample indices per row), truncating each to `length`."""
+    """Lay the samples out as given by `rows` (sample indices per row), truncating each to `length`; count."""
     shape = (len(rows), length)
     batch = PackedBatch(
         input_ids=torch.full(shape, pad_id, dtype=torch.long),
@@ -152,6 +177,7 @@ def _fill_rows(
         position_ids=torch.zeros(shape, dtype=torch.long),
         segment_ids=torch.zeros(shape, dtype=torch.long),
         is_image=torch.zeros(shape, dtype=torch.bool),
+        num_samples=len(samples),
     )
     for row, indices in enumerate(rows):
         start = 0
@@ -159,10 +185,15 @@ def _fill_rows(
             ids, is_image = samples[index]
             ids, is_image = ids[:length], is_image[:length]
             end = start + len(ids)
+            not_targets = max(1, prompt_lengths[index]) if prompt_lengths else 1
             batch.input_ids[row, start:end] = ids
-            batch.labels[row, start + 1:end] = ids[1:]
+            batch.labels[row, start + not_targets:end] = ids[not_targets:]
             batch.position_ids[row, start:end] = torch.arange(len(ids))
             batch.segment_ids[row, start:end] = index + 1
             batch.is_image[row, start:end] = is_image
+            batch.num_tokens += len(ids)
             start = end
+    targets = batch.labels != IGNORE_INDEX
+    batch.num_image_targets = int((targets & batch.is_image).sum())
+    batch.num_text_targets = int(targets.sum()) - batch.num_image_targets
     return batch

@@ -91,13 +91,15 @@ def test_extract_train_export_and_use(tmp_path, monkeypatch, capsys):
 
 
 class RecordBatches(L.Callback):
-    """What the MLLM trained on: the codes shape of every train batch and the data module's skip counts."""
+    """What the MLLM trained on: per train batch its images and codes per image (from the rows the loader built),
+    and the data module's skip counts."""
 
     shapes: list[tuple[int, ...]] = []
     skipped: dict[str, int] | None = None
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        RecordBatches.shapes.append(tuple(batch["codes"].shape))
+        rows = batch["rows"]
+        RecordBatches.shapes.append((rows.num_samples, int(rows.is_image.sum()) // rows.num_samples))
 
     def on_train_end(self, trainer, pl_module):
         RecordBatches.skipped = dict(trainer.datamodule.skipped)

@@ -3,7 +3,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from seed_lightning.mllm.loss import target_token_losses, token_losses
+from seed_lightning.mllm.loss import chunked_token_losses, token_losses
 from seed_lightning.mllm.packing import IGNORE_INDEX
 
 
@@ -37,7 +37,7 @@ def test_losses_and_gradients_equal_those_of_full_logits(chunk_tokens):
     head.weight.grad = None
 
     hidden.requires_grad_(True)
-    losses = target_token_losses(hidden, head, labels, chunk_tokens=chunk_tokens)
+    losses = chunked_token_losses(hidden, head, labels, chunk_tokens=chunk_tokens)
     losses.sum().backward()
     torch.testing.assert_close(losses, reference)
     assert (losses[labels == IGNORE_INDEX] == 0).all()
@@ -46,24 +46,23 @@ def test_losses_and_gradients_equal_those_of_full_logits(chunk_tokens):
     assert hidden.grad[0, 4:].abs().sum() == 0, "positions whose next label is ignored get no gradient"
 
 
-def test_the_head_never_sees_positions_without_a_target():
+def test_the_head_sees_at_most_a_chunk_of_positions_at_a_time():
     hidden, head, labels = random_batch()
     seen = []
     head.register_forward_hook(lambda module, inputs, output: seen.append(inputs[0].shape[0]))
     with torch.no_grad():
-        target_token_losses(hidden, head, labels, chunk_tokens=4)
-    assert sum(seen) == int((labels[:, 1:] != IGNORE_INDEX).sum())
-    assert max(seen) <= 4
+        chunked_token_losses(hidden, head, labels, chunk_tokens=4)
+    assert sum(seen) == labels[:, 1:].numel() and max(seen) == 4
 
 
 def test_a_batch_without_targets_has_zero_losses():
     hidden, head, labels = random_batch()
     labels[:] = IGNORE_INDEX
-    losses = target_token_losses(hidden, head, labels)
+    losses = chunked_token_losses(hidden, head, labels)
     assert losses.shape == labels.shape and (losses == 0).all()
 
 
 def test_chunk_size_must_be_positive():
     hidden, head, labels = random_batch()
     with pytest.raises(ValueError, match="chunk_tokens"):
-        target_token_losses(hidden, head, labels, chunk_tokens=0)
+        chunked_token_losses(hidden, head, labels, chunk_tokens=0)

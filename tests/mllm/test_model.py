@@ -8,6 +8,7 @@ from transformers import AutoModelForCausalLM, OPTConfig, OPTForCausalLM, PreTra
 from seed_lightning.core.errors import ConfigError
 from seed_lightning.mllm.model import LoraSettings, MultimodalLM, MultimodalLMConfig, VisualCodesOnly, short_answer
 from seed_lightning.mllm.packing import build_sample, pack_samples
+from seed_lightning.mllm.prompts import vqa_prompt
 
 NUM_CODES = 64
 CAPTIONS = ["a cat sitting on a mat", "a dog running in the park", "two birds on a wire", "what color is the cat"]
@@ -221,7 +222,7 @@ def test_generation_never_pads_so_a_prompt_does_not_depend_on_its_batch(tiny_opt
 
     monkeypatch.setattr(lm.model, "generate", recording_generate)
     answers = lm.answer(codes, questions, max_new_tokens=4, num_beams=3)
-    lengths = [len(lm.text_ids(f"Question: {question} Answer:")) for question in questions]
+    lengths = [len(lm.text_ids(vqa_prompt(question))) for question in questions]
     assert len(calls) == len(set(lengths)) > 1, "one call per prompt length"
     assert all(bool(mask.all()) for mask in calls), "no prompt padded"
     calls.clear()

@@ -1,9 +1,9 @@
-"""MLLMModule: what trains, packing equivalence, the text/image loss split, sample mixing, checkpoints.
+"""MLLMModule: what trains, packing equivalence, the text/image loss split, rows from the loader workers, checkpoints.
 
 Uses the tiny OPT and tiny BLIP-2 folders that `make data` builds (random weights, offline).
 """
 
-import json
+import dataclasses
 import random
 from types import SimpleNamespace
 
@@ -16,8 +16,8 @@ import torch.nn.functional as F
 from seed_lightning.core.errors import ConfigError
 from seed_lightning.core.optim import build_optimizer
 from seed_lightning.mllm.model import LoraSettings, MultimodalLMConfig
-from seed_lightning.mllm.module import SEED_TOKENIZER_PREFIX, MLLMModule, VQATrainMix
-from seed_lightning.mllm.packing import IGNORE_INDEX
+from seed_lightning.mllm.module import SEED_TOKENIZER_PREFIX, MLLMModule
+from seed_lightning.mllm.packing import IGNORE_INDEX, PackedBatch
 from seed_lightning.tokenizer.causal_qformer import CausalQFormerConfig
 from seed_lightning.tokenizer.heads import GenerationHeadConfig, ReconstructionHeadConfig
 from seed_lightning.tokenizer.model import SeedTokenizer, SeedTokenizerConfig
@@ -63,6 +63,11 @@ def token_batch(num_images: int = 4, seed: int = 0, image_ids: list[int] | None 
     }
 
 
+def train_rows(module: MLLMModule, batch: dict, index: int = 0) -> dict:
+    """What the loader workers hand `training_step` for train batch `index` of rank 0."""
+    return module.row_builder.train_batch(batch, rank=0, index=index)
+
+
 def token_shard(directory, num_images: int = 24) -> str:
     """A train token shard of random codes and the CAPTIONS; returns its path."""
     from seed_lightning.mllm.tokens import TokenShardWriter
@@ -74,12 +79,12 @@ def token_shard(directory, num_images: int = 24) -> str:
     return str(directory / "train-000000.tar")
 
 
-def token_data(shard: str, batch_size: int, samples_per_epoch: int):
-    """A ShardDataModule over one token shard, no workers."""
+def token_data(shard: str, batch_size: int, samples_per_epoch: int, num_workers: int = 0, val: str | None = None):
+    """A ShardDataModule over one token shard."""
     from seed_lightning.core.data.datamodule import ShardDataModule, ShardSource
 
-    return ShardDataModule(train=[ShardSource(urls=shard)], kind="codes", batch_size=batch_size, num_workers=0,
-                           samples_per_epoch=samples_per_epoch, shuffle_buffer=8)
+    return ShardDataModule(train=[ShardSource(urls=shard)], val=val, kind="codes", batch_size=batch_size,
+                           num_workers=num_workers, samples_per_epoch=samples_per_epoch, shuffle_buffer=8)
 
 
 @pytest.fixture(scope="module")
@@ -104,12 +109,11 @@ def test_only_lora_and_configured_modules_enter_the_optimiser(tokenizer_dir):
 
 def test_packed_and_padded_rows_give_the_same_per_sample_losses():
     module = make_module().eval()
-    samples, _ = module.build_samples(token_batch(6), random.Random(0))
+    samples, _ = module.row_builder.samples(token_batch(6), random.Random(0))
     with torch.no_grad():
-        packed_rows = module.collate(samples)
+        packed_rows = module.row_builder.rows(samples)
         packed = module.batch_losses(packed_rows)
-        module.hparams.packing = False
-        padded_rows = module.collate(samples)
+        padded_rows = dataclasses.replace(module.row_builder, packing=False).rows(samples)
         padded = module.batch_losses(padded_rows)
     assert packed_rows.input_ids.shape[0] < padded_rows.input_ids.shape[0], "packing must share rows"
     for segment in range(1, len(samples) + 1):
@@ -121,9 +125,9 @@ def test_packed_and_padded_rows_give_the_same_per_sample_losses():
 
 def test_text_and_image_losses_split_by_target_token():
     module = make_module().eval()
-    samples, _ = module.build_samples(token_batch(4), random.Random(3))
+    samples, _ = module.row_builder.samples(token_batch(4), random.Random(3))
     with torch.no_grad():
-        breakdown = module.batch_losses(module.collate(samples))
+        breakdown = module.batch_losses(module.row_builder.rows(samples))
         text, image = [], []
         for ids, is_image in samples:  # each sample alone, cross-entropy written out by hand
             logits = module.mllm(ids[None]).logits[0]
@@ -140,48 +144,50 @@ def test_text_and_image_losses_split_by_target_token():
     torch.testing.assert_close(breakdown.loss, torch.cat([text, image]).mean(), atol=1e-5, rtol=1e-5)
 
 
-def test_sample_kinds_follow_the_configured_mix(tmp_path):
-    batch = token_batch(8)
-    to_text = make_module(p_image_to_text=1.0)
-    visual = to_text.mllm.visual
-    for ids, _ in to_text.build_samples(batch, random.Random(0))[0]:
-        assert ids[1] == visual.begin_image_id, "image-to-text samples start with <img> after BOS"
-    to_image = make_module(p_image_to_text=0.0)
-    for ids, _ in to_image.build_samples(batch, random.Random(0))[0]:
-        assert ids[1] != visual.begin_image_id and ids[-2] == visual.end_image_id
+class RecordBatches(L.Callback):
+    """The batches the train and val steps received."""
 
-    questions = {"questions": [{"question_id": 1, "image_id": 0, "question": "how many stars are there?"}]}
-    annotations = {"annotations": [{"question_id": 1, "image_id": 0, "answer_type": "number", "question_type": "how",
-                                    "multiple_choice_answer": "2", "answers": [{"answer": "2"}] * 10}]}
-    (tmp_path / "q.json").write_text(json.dumps(questions))
-    (tmp_path / "a.json").write_text(json.dumps(annotations))
-    mixed = make_module(vqa_train=VQATrainMix(str(tmp_path / "q.json"), str(tmp_path / "a.json"), probability=1.0))
-    samples, prompt_lengths = mixed.build_samples(batch, random.Random(0))
-    tokenizer = mixed.mllm.tokenizer
-    text_start = 2 + 32 + 1  # BOS <img> codes </img>
-    first = tokenizer.decode(samples[0][0][text_start:-1])
-    assert first == "Question: how many stars are there? Answer: 2"
-    # The prompt part is token-for-token what MultimodalLM.answer feeds at inference.
-    prompt = mixed.mllm.text_ids("Question: how many stars are there? Answer:")
-    assert samples[0][0][text_start:text_start + len(prompt)].tolist() == prompt
-    assert all("Question" not in tokenizer.decode(ids) for ids, _ in samples[1:]), "only image 0 has questions"
-    # Loss on the answer (and EOS) only: the question must not become the LM's continuation of `</img>`.
-    assert prompt_lengths[0] == text_start + len(prompt) and prompt_lengths[1:] == [0] * 7
-    rows = mixed.collate(samples, prompt_lengths)
-    first_sample = rows.segment_ids == 1
-    targets = rows.input_ids[first_sample & (rows.labels != IGNORE_INDEX)]
-    assert tokenizer.decode(targets) == " 2</s>"
-    caption_sample = rows.segment_ids == 2
-    assert (rows.labels[caption_sample] != IGNORE_INDEX).sum() == caption_sample.sum() - 1
+    def __init__(self):
+        self.train, self.val = [], []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.train.append(batch)
+
+    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
+        self.val.append(batch)
 
 
-def test_all_captions_draws_among_the_reference_captions():
-    batch = token_batch(1)
-    batch["meta"][0]["captions"] = ["A first, caption.", "a second caption"]
-    module = make_module(p_image_to_text=1.0)
-    seen = {module.mllm.tokenizer.decode(module.build_samples(batch, random.Random(seed))[0][0][0][35:-1]).strip()
-            for seed in range(20)}
-    assert seen == {"a first, caption", "a second caption"}, "cleaned like the data pipeline cleans KEY.txt"
+@pytest.mark.slow
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_the_steps_receive_rows_built_by_the_loader_workers(tmp_path, num_workers):
+    shard = token_shard(tmp_path / "tokens", num_images=12)
+    module = make_module(max_length=128, p_image_to_text=0.5, sample_seed=7)
+    recorder = RecordBatches()
+    trainer = L.Trainer(accelerator="cpu", max_steps=3, num_sanity_val_steps=0, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, callbacks=[recorder])
+    trainer.fit(module, datamodule=token_data(shard, 4, 12, num_workers, val=shard))
+    assert len(recorder.train) == 3 and len(recorder.val) == 3
+    # Built in the workers: tensors and counts, no captions; as the builder makes them from the plain stream.
+    plain = token_data(shard, 4, 12, num_workers)
+    stream = [plain.on_after_batch_transfer(batch, 0) for batch in plain.train_dataloader()]
+    for index, (batch, raw) in enumerate(zip(recorder.train, stream, strict=True)):
+        assert set(batch) == {"rows", "key"} and isinstance(batch["rows"], PackedBatch)
+        expected = module.row_builder.train_batch(raw, rank=0, index=index)["rows"]
+        for name, value in vars(expected).items():
+            assert torch.equal(getattr(batch["rows"], name), value) if isinstance(value, torch.Tensor) \
+                else getattr(batch["rows"], name) == value, name
+    for batch in recorder.val:  # both directions, beside what the generation callbacks read
+        assert {"codes", "caption", "index", "captioning_rows", "generation_rows"} <= set(batch)
+        assert batch["captioning_rows"].num_samples == batch["generation_rows"].num_samples == len(batch["caption"])
+
+
+def test_steps_refuse_batches_without_rows():
+    module = make_module()
+    with pytest.raises(ConfigError, match="without 'rows'"):
+        module.training_step(token_batch(), 0)
+    module._trainer = SimpleNamespace(datamodule=object())
+    with pytest.raises(ConfigError, match="cannot build the MLLM's rows"):
+        module.setup("fit")
 
 
 def test_codebook_size_mismatch_is_a_config_error(tmp_path):
@@ -193,8 +199,7 @@ def test_codebook_size_mismatch_is_a_config_error(tmp_path):
 def test_gradient_checkpointing_with_lora_trains_the_adapters():
     module = make_module(LoraSettings(r=4, alpha=8, dropout=0.0), model_overrides={"gradient_checkpointing": True})
     module.train()
-    rows = module.collate(*module.build_samples(token_batch(2), random.Random(0)))
-    module.batch_losses(rows).loss.backward()
+    module.batch_losses(train_rows(module, token_batch(2))["rows"]).loss.backward()
     lora_grads = [p.grad for name, p in module.named_parameters() if "lora_B" in name]
     assert lora_grads and all(g is not None for g in lora_grads)
     assert any(g.abs().sum() > 0 for g in lora_grads)
@@ -235,7 +240,7 @@ def set_up(module: MLLMModule, precision: str, strategy=None) -> MLLMModule:
         module.trainer = L.Trainer(accelerator="cpu", devices=1, precision=precision, logger=False,
                                    enable_progress_bar=False, enable_model_summary=False)
     else:  # Lightning builds FSDP only with GPUs; setup reads just these two attributes
-        module._trainer = SimpleNamespace(precision=precision, strategy=strategy)
+        module._trainer = SimpleNamespace(precision=precision, strategy=strategy, datamodule=None)
     module.setup("fit")
     return module
 
@@ -249,7 +254,7 @@ def test_frozen_weights_are_held_in_bf16_under_bf16_precision_and_generation_sti
     assert module.mllm.compute_dtype == torch.bfloat16
     module.log = lambda *args, **kwargs: None
     with torch.autocast("cpu", torch.bfloat16):
-        loss = module.training_step(token_batch(), 0)
+        loss = module.training_step(train_rows(module, token_batch()), 0)
     loss.backward()
     lora_grads = [p.grad for n, p in module.named_parameters() if "lora_B" in n]  # lora_A's is 0 while B is 0
     assert lora_grads and all(g is not None and g.abs().sum() > 0 for g in lora_grads)
@@ -292,5 +297,5 @@ def test_compile_compiles_every_decoder_layer():
     assert len(module.mllm.caption(token_batch(2)["codes"], max_new_tokens=2)) == 2
     assert compiled_calls == []
     module.log = lambda *args, **kwargs: None
-    module.training_step(token_batch(), 0)  # training does go through the compiled layers
+    module.training_step(train_rows(module, token_batch()), 0)  # training does go through the compiled layers
     assert compiled_calls

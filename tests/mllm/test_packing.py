@@ -4,6 +4,7 @@ import torch
 from seed_lightning.core.errors import ConfigError
 from seed_lightning.mllm.packing import (
     IGNORE_INDEX,
+    PackedBatch,
     block_causal_mask,
     build_sample,
     pack_samples,
@@ -114,3 +115,37 @@ def test_pad_batch_keeps_order_one_sample_per_row():
         assert (batch.input_ids[row, len(ids):] == PAD).all()
         assert (batch.segment_ids[row, :len(ids)] == row + 1).all()
         assert batch.labels[row, 0] == IGNORE_INDEX and torch.equal(batch.labels[row, 1:len(ids)], ids[1:])
+
+
+def test_prompts_are_no_targets_and_the_rows_count_their_tokens():
+    samples = [sample_of_length(12, 0), sample_of_length(9, 100), sample_of_length(10, 200)]
+    prompt_lengths = [5, 0, 20]  # sample 3's prompt is longer than the sample: none of it is a target
+    with pytest.warns(UserWarning, match="truncated"):
+        batch = pack_samples(samples, 11, PAD, prompt_lengths)
+    for segment, (ids, _) in enumerate(samples, start=1):
+        kept = min(len(ids), 11)
+        not_targets = max(1, prompt_lengths[segment - 1])
+        expected = [IGNORE_INDEX] * min(not_targets, kept) + ids[not_targets:kept].tolist()
+        assert batch.labels[batch.segment_ids == segment].tolist() == expected, segment
+    targets = batch.labels != IGNORE_INDEX
+    assert batch.num_samples == 3 and batch.num_tokens == 11 + 9 + 10
+    assert batch.num_image_targets == int((targets & batch.is_image).sum()) == 2 + 2
+    assert batch.num_text_targets == int((targets & ~batch.is_image).sum()) == (11 - 5 - 2) + (9 - 1 - 2)
+    # One sample per row: the same targets and counts.
+    packed, padded = pack_samples(samples, 12, PAD, prompt_lengths), pad_batch(samples, PAD, prompt_lengths)
+    for segment in range(1, 4):
+        assert torch.equal(padded.labels[padded.segment_ids == segment], packed.labels[packed.segment_ids == segment])
+    assert (padded.num_tokens, padded.num_text_targets, padded.num_image_targets) == \
+        (packed.num_tokens, packed.num_text_targets, packed.num_image_targets)
+
+
+def test_rows_are_pinned_whole_by_the_data_loader(monkeypatch):
+    from torch.utils.data._utils.pin_memory import pin_memory
+
+    pinned = []
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda tensor, *args: pinned.append(tensor) or tensor.clone())
+    batch = pack_samples([sample_of_length(9, 0), sample_of_length(7, 100)], 16, PAD)
+    copy = pin_memory({"rows": batch, "key": ["a", "b"]})["rows"]
+    assert isinstance(copy, PackedBatch) and len(pinned) == 5, "input ids, labels, positions, segments, is_image"
+    assert (copy.num_samples, copy.num_tokens, copy.num_text_targets) == (2, 16, batch.num_text_targets)
+    assert torch.equal(copy.labels, batch.labels) and copy.labels is not batch.labels

@@ -10,6 +10,12 @@ rank, so DDP ranks never wait on each other's data). This matches how Lightning 
 mid-epoch restart: it restores its batch counter k and asks the train loader for the remaining
 `len(loader) - k` batches of the epoch.
 
+Batch transforms. A LightningModule may hand the data module a function per split (`connect`, as litgpt's
+`DataModule.connect` hands its data the tokenizer) that turns each collated batch into what its steps take,
+e.g. tokenised and packed rows; the DataLoader workers apply it, so that host work overlaps the steps. It gets
+the batch's rank and index: train batch g of a rank has index g (see above), val batch b of `val_batches` has
+index b, so a transform seeded by them is as deterministic and resumable as the stream.
+
 Exact resume. Every train batch carries its producer's `StreamState` (taken right after that batch).
 `on_after_batch_transfer` (runs in the main process just before `training_step` of that batch) strips it and
 records it with the count of batches consumed; `state_dict()` (gathered from all ranks: only rank 0 writes the
@@ -25,7 +31,7 @@ import os
 import random
 import warnings
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
@@ -55,6 +61,10 @@ from seed_lightning.core.errors import ConfigError, DataError, SeedLightningErro
 STREAM_STATE_KEY = "_stream_state"
 """Private train-batch entry holding the producer's StreamState; removed before the LightningModule sees it."""
 _STATE_FORMAT = 1
+
+BatchTransform = Callable[[dict[str, Any], int, int], dict[str, Any]]
+"""(collated batch, rank, index) -> the batch dict the LightningModule receives; run in the DataLoader workers, so
+picklable (a bound method of a plain object, no lambda) and free of models. See the module docstring for index."""
 
 
 @dataclass
@@ -134,6 +144,7 @@ class ShardTrainDataset(IterableDataset):
         seed: int,
         rank: int,
         book: ResumeBook,
+        transform: BatchTransform | None = None,
     ) -> None:
         self.sources = sources
         self.weights = weights
@@ -144,6 +155,7 @@ class ShardTrainDataset(IterableDataset):
         self.seed = seed
         self.rank = rank
         self.book = book
+        self.transform = transform
 
     def __len__(self) -> int:
         return self.batches_per_epoch
@@ -173,9 +185,12 @@ class ShardTrainDataset(IterableDataset):
             state=self.book.states[logical],
         )
         try:
-            for _ in range(worker, remaining, num_workers):
+            for index in range(start + worker, start + remaining, num_workers):
                 batch = stream.next_batch()
-                batch[STREAM_STATE_KEY] = stream.state()
+                state = stream.state()
+                if self.transform is not None:
+                    batch = self.transform(batch, self.rank, index)
+                batch[STREAM_STATE_KEY] = state
                 yield batch
         finally:
             stream.report_problems()
@@ -200,11 +215,22 @@ class ShardValDataset(IterableDataset):
     order. Batches carry `index` (positions in the val set)."""
 
     def __init__(
-        self, refs: Sequence[SampleRef], decode: SampleDecoder, batch_size: int, rank: int, world_size: int
+        self,
+        refs: Sequence[SampleRef],
+        decode: SampleDecoder,
+        batch_size: int,
+        rank: int,
+        world_size: int,
+        transform: BatchTransform | None = None,
     ) -> None:
         self.refs = refs
-        self.batches = val_batches(len(refs), batch_size, world_size)[rank::world_size]
+        batches = val_batches(len(refs), batch_size, world_size)
+        self.batches = batches[rank::world_size]
+        self.numbers = range(rank, len(batches), world_size)
+        """Each of this rank's batches' number among all val batches (the transform's index)."""
+        self.rank = rank
         self.decode = decode
+        self.transform = transform
 
     def __len__(self) -> int:
         return len(self.batches)
@@ -217,7 +243,7 @@ class ShardValDataset(IterableDataset):
         worker, num_workers = (0, 1) if info is None else (info.id, info.num_workers)
         reader, skipped = ShardReader(), Counter()
         try:
-            for batch_indices in self.batches[worker::num_workers]:
+            for number, batch_indices in zip(self.numbers[worker::num_workers], self.batches[worker::num_workers]):
                 samples, indices = [], []
                 for index in batch_indices:
                     try:
@@ -226,7 +252,8 @@ class ShardValDataset(IterableDataset):
                     except SkipSample as skip:
                         skipped[skip.reason] += 1
                 if samples:
-                    yield {**collate_samples(samples), "index": torch.tensor(indices, dtype=torch.long)}
+                    batch = {**collate_samples(samples), "index": torch.tensor(indices, dtype=torch.long)}
+                    yield batch if self.transform is None else self.transform(batch, self.rank, number)
         finally:
             reader.close()
             if skipped:
@@ -325,6 +352,15 @@ class ShardDataModule(LightningDataModule):
         self._book = ResumeBook(max(1, num_workers))
         self._train_urls: list[list[str]] | None = None
         self._val_refs: list[SampleRef] | None = None
+        self._train_transform: BatchTransform | None = None
+        self._val_transform: BatchTransform | None = None
+
+    def connect(self, train: BatchTransform | None = None, val: BatchTransform | None = None) -> None:
+        """From the next loader on, the DataLoader workers turn every train / val batch into `train(batch, rank,
+        index)` / `val(batch, rank, index)` (see the module docstring); None leaves that split's batches as
+        collated. A LightningModule calls this from its `setup`."""
+        self._train_transform = train
+        self._val_transform = val
 
     @property
     def skipped(self) -> dict[str, int]:
@@ -393,6 +429,7 @@ class ShardDataModule(LightningDataModule):
             self.seed,
             rank,
             self._book,
+            self._train_transform,
         )
         return self._loader(dataset, _ResumableLoader)
 
@@ -402,7 +439,7 @@ class ShardDataModule(LightningDataModule):
         self.setup("validate")
         rank, world_size = self._rank_and_world_size()
         decode = make_decoder(self.kind, self._transform(train=False), self.max_words, self.codes_per_image)
-        dataset = ShardValDataset(self._val_refs, decode, self.val_batch_size, rank, world_size)
+        dataset = ShardValDataset(self._val_refs, decode, self.val_batch_size, rank, world_size, self._val_transform)
         return self._loader(dataset, _ShardLoader)
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:

@@ -180,6 +180,61 @@ def test_state_dict_resumes_the_exact_batch_sequence_across_epochs(shards, num_w
         assert resumed.skipped == reference.skipped
 
 
+class RecordPlace:
+    """A batch transform that keeps the keys and records the process it ran in, the rank and the index it was given."""
+
+    def __call__(self, batch: dict, rank: int, index: int) -> dict:
+        return {"key": batch["key"], "pid": os.getpid(), "rank": rank, "index": index}
+
+
+def transformed(module: ShardDataModule, batches: int | None = None) -> list[dict]:
+    """Iterate the train loader as Lightning does; return the batches the LightningModule would get."""
+    seen = []
+    for batch in module.train_dataloader():
+        seen.append(module.on_after_batch_transfer(batch, 0))
+        if batches is not None and len(seen) == batches:
+            break
+    return seen
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_connected_transforms_run_in_the_workers_with_the_rank_and_the_batch_index(shards, num_workers):
+    plain = make_module(shards, num_workers=num_workers, samples_per_epoch=30, val_batch_size=2)
+    plain.trainer = SimpleNamespace(global_rank=1, world_size=2)
+    keys = consume(plain) + consume(plain)  # two epochs of 5 batches
+    module = make_module(shards, num_workers=num_workers, samples_per_epoch=30, val_batch_size=2)
+    module.trainer = SimpleNamespace(global_rank=1, world_size=2)
+    module.connect(train=RecordPlace(), val=RecordPlace())
+    batches = transformed(module) + transformed(module)
+    assert [batch["key"] for batch in batches] == keys, "the transform sees the stream as it was"
+    assert all(set(batch) == {"key", "pid", "rank", "index"} for batch in batches), "without the stream state"
+    assert [(batch["rank"], batch["index"]) for batch in batches] == [(1, index) for index in range(10)]
+    pids = {batch["pid"] for batch in batches}
+    assert (os.getpid() in pids) is (num_workers == 0), "applied in the DataLoader workers"
+    # Val: 11 samples in 6 batches of 2; rank 1 of 2 gets batches 1, 3 and 5, as numbered among all.
+    val = list(module.val_dataloader())
+    assert [(batch["rank"], batch["index"]) for batch in val] == [(1, 1), (1, 3), (1, 5)]
+    assert [batch["key"] for batch in val] == [["v02", "v03"], ["v06", "v07"], ["v10"]]
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_a_resumed_stream_gives_its_transform_the_indices_of_an_uninterrupted_one(shards, num_workers):
+    reference = make_module(shards, num_workers=num_workers)
+    reference.connect(train=RecordPlace())
+    expected = [batch["index"] for _ in range(2) for batch in transformed(reference)]
+    assert expected == list(range(10))
+    for stop in (2, 7):
+        first = make_module(shards, num_workers=num_workers)
+        first.connect(train=RecordPlace())
+        seen = transformed(first, batches=stop) if stop < 5 else transformed(first) + transformed(first, stop - 5)
+        resumed = make_module(shards, num_workers=num_workers)
+        resumed.load_state_dict(first.state_dict())
+        resumed.connect(train=RecordPlace())
+        while len(seen) < 10:
+            seen += transformed(resumed)
+        assert [batch["index"] for batch in seen] == expected, f"resumed after {stop} batches"
+
+
 def test_skipped_counts_are_summed_over_workers(shards):
     with TarWriter(str(shards / "bad.tar"), mtime=0) as writer:
         for i in range(4):
