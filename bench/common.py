@@ -11,6 +11,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from types import SimpleNamespace
 
 import lightning as L
 import torch
@@ -76,6 +77,14 @@ def mfu_fields(flops_per_sec: float, peak: float) -> dict[str, float]:
         "mfu_measured_peak": flops_per_sec / peak,
         "mfu_datasheet_989": flops_per_sec / DATASHEET_BF16_PEAK,
     }
+
+
+def deviation(out: torch.Tensor, reference: torch.Tensor, name: str) -> dict[str, float]:
+    """How far `out` [..., D] is from `reference`: relative L2 of the whole tensor, min and mean cosine of its rows."""
+    out, reference = out.float(), reference.float()
+    cosine = torch.nn.functional.cosine_similarity(out, reference, dim=-1)
+    return {f"{name}_rel_l2": float((out - reference).norm() / reference.norm()),
+            f"{name}_min_cos": float(cosine.min()), f"{name}_mean_cos": float(cosine.mean())}
 
 
 def peak_memory_gib() -> float:
@@ -155,6 +164,52 @@ def lightning_trainer(steps: int, callbacks: list, max_epochs: int = -1):
     )
 
 
+VIT_G_14 = {"image_size": 224, "patch_size": 14, "hidden_size": 1408, "num_hidden_layers": 39, "num_attention_heads": 16,
+            "intermediate_size": 6144, "qkv_bias": True, "layer_norm_eps": 1e-6, "initializer_range": 0.02}
+"""BLIP-2's EVA ViT-g/14 at 224 px, as Blip2VisionConfig arguments (the tokenizer's default VisionEncoderConfig)."""
+NUM_QUERIES = 32
+
+
+def plain_blip2_encoders(frozen_dtype: torch.dtype) -> SimpleNamespace:
+    """SEED's image encoder as plain transformers parts at paper shapes, random weights, on the GPU, SDPA: `vision`
+    the ViT-g/14 (frozen, eval, held in `frozen_dtype` as `from_pretrained(torch_dtype=...)` would load it),
+    `ln_vision`, `qformer` the BERT-base Q-Former with cross-attention to the ViT (`qformer_config`), `queries`
+    the 32 learned queries, `causal_mask` their lower-triangular self-attention mask [1, 1, Q, Q]. All but
+    `vision` are fp32 and trainable; a caller that freezes them casts them itself."""
+    from transformers import Blip2QFormerConfig, Blip2QFormerModel, Blip2VisionConfig, Blip2VisionModel
+
+    with torch.device("cuda"):
+        vision = Blip2VisionModel(Blip2VisionConfig(**VIT_G_14, attn_implementation="sdpa")).eval()
+        qformer_config = Blip2QFormerConfig(encoder_hidden_size=VIT_G_14["hidden_size"], use_qformer_text_input=True,
+                                            attn_implementation="sdpa")
+        return SimpleNamespace(
+            vision=vision.requires_grad_(False).to(frozen_dtype),
+            ln_vision=nn.LayerNorm(VIT_G_14["hidden_size"]),
+            qformer=Blip2QFormerModel(qformer_config),
+            qformer_config=qformer_config,
+            queries=nn.Parameter(torch.randn(1, NUM_QUERIES, qformer_config.hidden_size) * 0.02),
+            causal_mask=torch.tril(torch.ones(NUM_QUERIES, NUM_QUERIES, dtype=torch.bool))[None, None],
+        )
+
+
+def plain_vit_tokens(vision: nn.Module, pixels: torch.Tensor) -> torch.Tensor:
+    """The frozen ViT's output tokens, run the plain way for the dtype it is held in: bf16 weights in bf16 outside
+    autocast (autocast would run its LayerNorms in fp32), fp32 weights under bf16 autocast."""
+    with torch.no_grad():
+        if vision.dtype == torch.float32:
+            with torch.autocast("cuda", torch.bfloat16):
+                return vision(pixel_values=pixels).last_hidden_state
+        return vision(pixel_values=pixels.to(vision.dtype)).last_hidden_state
+
+
+def plain_causal_queries(parts: SimpleNamespace, image: torch.Tensor) -> torch.Tensor:
+    """The Q-Former's 32 causal query states [B, Q, D] over ViT tokens `image` (ln_vision applied here)."""
+    batch = image.shape[0]
+    return parts.qformer(query_embeds=parts.queries.expand(batch, -1, -1),
+                         attention_mask=parts.causal_mask.expand(batch, 1, -1, -1),
+                         encoder_hidden_states=parts.ln_vision(image)).last_hidden_state
+
+
 class RepeatedBatches(torch.utils.data.Dataset):
     """`length` batches made by `make(index)`: an in-memory stand-in for the data pipeline, so the
     benches measure the training step (the pipeline is measured alone in data_pipeline.py)."""
@@ -173,6 +228,15 @@ class RepeatedBatches(torch.utils.data.Dataset):
 def loader(make: Callable[[int], dict], length: int) -> torch.utils.data.DataLoader:
     # batch_size=None: items are whole batches; their tensors are pre-pinned, so H2D copies are async.
     return torch.utils.data.DataLoader(RepeatedBatches(make, length), batch_size=None, num_workers=0)
+
+
+def image_caption_batches(batch: int, seed: int = 0) -> Callable[[int], dict]:
+    """`make(index)` -> one batch of `batch` random 224 px images (pinned) and CC3M-like captions, the same data
+    every time, with per-index sample keys."""
+    generator = torch.Generator().manual_seed(seed)
+    pixels = torch.randn(batch, 3, 224, 224, generator=generator).pin_memory()
+    captions = random_captions(batch, generator)
+    return lambda index: {"pixel_values": pixels, "caption": captions, "key": [f"{index}-{i}" for i in range(batch)]}
 
 
 WORDS = (

@@ -13,7 +13,10 @@ from pathlib import Path
 
 import torch
 
-from common import ProfileSteps, cuda_time, lightning_trainer, loader, new_profiler, profiler_table, report, reset_memory
+from common import (
+    ProfileSteps, cuda_time, deviation, image_caption_batches, lightning_trainer, loader, new_profiler, profiler_table,
+    report, reset_memory,
+)
 
 
 def profile(step, name: str, steps: int = 3) -> None:
@@ -40,7 +43,7 @@ def stage1(batch: int) -> None:
         module = TokenizerModule(SeedTokenizerConfig(), bench1.TEXT_TOKENIZER, stage="contrastive")
     module.to("cuda").train()  # sets the LightningModule's device, which _tokenize uses
     optimizer = build_optimizer(module, OptimConfig())
-    sample = bench1.make_batch_fn(batch)(0)
+    sample = image_caption_batches(batch)(0)
     pixels = sample["pixel_values"].cuda()
     sample = {**sample, "pixel_values": pixels}
     vision = module.tokenizer.vision
@@ -82,23 +85,17 @@ def stage1(batch: int) -> None:
     timed("rest of step (ln_vision, Q-Former, text, loss, bwd, AdamW)", rest)
     timed("full step, fp32 frozen weights", full)
     profile(rest, "stage1-rest")
-    reference = vit().float()
-
-    def deviation(out):
-        out = out.float()
-        cos = torch.nn.functional.cosine_similarity(out, reference, dim=-1)
-        return {"rel_err_vs_fp32w": float((out - reference).norm() / reference.norm()), "min_token_cos": float(cos.min()),
-                "mean_token_cos": float(cos.mean())}
+    reference = vit()
 
     vision.model.embeddings.to(torch.bfloat16)
     vision.model.encoder.to(torch.bfloat16)
-    timed("ViT fwd, bf16 frozen weights", vit, **deviation(vit()))
+    timed("ViT fwd, bf16 frozen weights", vit, **deviation(vit(), reference, "tokens_vs_fp32_weights"))
     timed("full step, bf16 frozen weights", full)
     profile(vit, "stage1-vit-bf16", steps=2)
     convert_linears_to_fp8(vision)
-    timed("ViT fwd, fp8 eager", vit, iters=3, **deviation(vit()))
+    timed("ViT fwd, fp8 eager", vit, iters=3, **deviation(vit(), reference, "tokens_vs_fp32_weights"))
     vision.model.encoder.compile()
-    timed("ViT fwd, fp8 compiled", vit, **deviation(vit()))
+    timed("ViT fwd, fp8 compiled", vit, **deviation(vit(), reference, "tokens_vs_fp32_weights"))
     timed("full step, fp8 compiled ViT", full)
     profile(vit, "stage1-vit-fp8-compiled", steps=2)
 
@@ -112,10 +109,7 @@ def stage2(batch: int, batches: int) -> None:
     from seed_lightning.tokenizer.module import TokenizerModule
 
     reset_memory()
-    generator = torch.Generator().manual_seed(0)
-    pixels = torch.randn(batch, 3, 224, 224, generator=generator).pin_memory()
-    captions = bench2.random_captions(batch, generator)
-    make = lambda index: {"pixel_values": pixels, "caption": captions, "key": [f"{index}-{i}" for i in range(batch)]}
+    make = image_caption_batches(batch)
     with tempfile.TemporaryDirectory() as cache_dir:
         with torch.device("cuda"):
             module = TokenizerModule(SeedTokenizerConfig(), bench2.TEXT_TOKENIZER, stage="codebook", cache_dir=cache_dir)

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from common import REPO, loader, random_captions
+from common import REPO, image_caption_batches, loader
 
 TEXT_TOKENIZER = str(REPO / "data/models/bert-tokenizer")
 
@@ -76,10 +76,7 @@ def stage1_module_and_batches(batch: int, local_rank: int):
     with torch.device(f"cuda:{local_rank}"):  # random init on this rank's GPU
         module = TokenizerModule(SeedTokenizerConfig(), TEXT_TOKENIZER, stage="contrastive",
                                  optim=OptimConfig(lr=3e-5, min_lr=3e-6, warmup_start_lr=3e-7))
-    generator = torch.Generator().manual_seed(local_rank)
-    pixels = torch.randn(batch, 3, 224, 224, generator=generator).pin_memory()
-    captions = random_captions(batch, generator)
-    return module, lambda index: {"pixel_values": pixels, "caption": captions, "key": [f"{index}-{i}" for i in range(batch)]}
+    return module, image_caption_batches(batch, seed=local_rank)
 
 
 def mllm_module_and_batches(work: Path, local_rank: int, compile: bool):

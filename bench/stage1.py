@@ -1,34 +1,36 @@
 """Stage 1 (ITC) at paper shapes: frozen ViT-g/14 224px + BERT-base Causal Q-Former + text branch.
 
-Project: the real TokenizerModule(stage="contrastive") under a bf16-mixed Lightning Trainer.
-Baseline (same run): plain transformers Blip2VisionModel + Blip2QFormerModel + BERT text branch,
-fp32 weights under bf16 autocast, a hand-written loop. Also the ViT-g forward alone (the bound).
+Project: the real TokenizerModule(stage="contrastive") under a bf16-mixed Lightning Trainer, per variant
+(`default`: frozen trunk in bf16; `torchao-fp8`: `vision_fp8` + `compile`, the trunk's products in FP8
+through torchao). Baselines (same run, same card, same batch, same trainable set: ln_vision, Q-Former + text
+branch, queries, projections, temperature in fp32 under bf16 autocast; a hand-written loop, AdamW, ITC loss):
+THE baseline holds the frozen ViT in bf16 and runs it outside autocast, as a model loaded with
+`torch_dtype=torch.bfloat16`; the second keeps it in fp32 under autocast. Ratios are against THE baseline.
+Bounds in the same run: the plain bf16 ViT-g forward alone, and each variant's own frozen ViT forward alone
+(compiled where the variant compiles). The FP8 variant also reports what FP8 changes on one batch: its ViT
+output tokens and ITC image features against the same weights run in bf16.
 
 MFU FLOPs per image = forward FLOPs of the frozen ViT (counted once: no backward reaches it)
 + 3 x forward FLOPs of the trainable part (Q-Former queries, text branch, projections), both
-counted by torch's FlopCounterMode (matmuls + attention) on the real modules.
+counted by torch's FlopCounterMode (matmuls + attention) on the real modules; FP8 rows count the same
+FLOPs against the bf16 peak.
 
-    python bench/stage1.py --batch 256 --steps 12
+    python bench/stage1.py --batch 256 --steps 10 --variants default torchao-fp8
 """
 
 import argparse
 
+import lightning as L
 import torch
 import torch.nn.functional as F
 
 from common import (
-    REPO, counted_flops, cuda_time, device_name, lightning_trainer, loader, measured_bf16_peak, mfu_fields,
-    peak_memory_gib, random_captions, report, reset_memory,
+    REPO, counted_flops, cuda_time, deviation, device_name, image_caption_batches, lightning_trainer, loader,
+    measured_bf16_peak, mfu_fields, peak_memory_gib, plain_blip2_encoders, plain_causal_queries, plain_vit_tokens,
+    report, reset_memory,
 )
 
 TEXT_TOKENIZER = str(REPO / "data/models/bert-tokenizer")
-
-
-def make_batch_fn(batch: int):
-    generator = torch.Generator().manual_seed(0)
-    pixels = torch.randn(batch, 3, 224, 224, generator=generator).pin_memory()
-    captions = random_captions(batch, generator)
-    return lambda index: {"pixel_values": pixels, "caption": captions, "key": [f"{index}-{i}" for i in range(batch)]}
 
 
 def flops_per_image(module, batch_fn) -> tuple[float, float]:
@@ -50,11 +52,64 @@ def flops_per_image(module, batch_fn) -> tuple[float, float]:
 VARIANTS = {
     "default": {},  # frozen ViT trunk held and run in bf16 (frozen_dtype auto under bf16-mixed)
     "compile": {"compile": True},
-    "fp8": {"vision_fp8": True, "compile": True},
+    "torchao-fp8": {"vision_fp8": True, "compile": True},
 }
 
 
-def project(batch: int, steps: int, warmup: int, peak: float, extra: dict, variant: str = "default") -> float:
+class AfterTraining(L.Callback):
+    """Runs `measure(module)` when training ends, while the module is still on the GPU (teardown moves it off)."""
+
+    def __init__(self, measure):
+        self.measure = measure
+        self.fields: dict = {}
+
+    def on_train_end(self, trainer, pl_module):
+        self.fields = self.measure(pl_module)
+
+
+def vit_alone(module, pixels: torch.Tensor, steps: int, vit_flops: float, peak: float) -> dict:
+    """The module's own frozen ViT (+ ln_vision) forward alone, as the variant runs it (compiled or not)."""
+    with torch.no_grad():
+        seconds = cuda_time(lambda: module.tokenizer.vision(pixels), warmup=2, iters=steps)
+    rate = pixels.shape[0] / seconds
+    return {"vit_fwd_alone_images_per_sec": rate,
+            **{f"vit_fwd_alone_{k}": v for k, v in mfu_fields(rate * vit_flops, peak).items()}}
+
+
+def fp8_deviation(module, sample: dict) -> dict:
+    """What FP8 changes on one batch: the variant's ViT output tokens (compiled FP8, as trained) and ITC image
+    features against the same weights run in bf16 (each FP8 layer swapped for an nn.Linear on its bf16 weight,
+    eager), all without dropout. The text features do not pass through the ViT, so FP8 leaves them as they are."""
+    from seed_lightning.core.fp8 import Float8InferenceLinear
+    from seed_lightning.core.modes import eval_mode
+
+    vision, qformer = module.tokenizer.vision, module.tokenizer.qformer
+    pixels = sample["pixel_values"].cuda()
+
+    def outputs() -> tuple[torch.Tensor, torch.Tensor]:
+        # autocast as in training_step under bf16-mixed
+        with eval_mode(module.tokenizer), torch.no_grad(), torch.autocast("cuda", torch.bfloat16):
+            tokens = vision(pixels)
+            return tokens, qformer.image_features(qformer(tokens))
+
+    fp8_tokens, fp8_features = outputs()
+    converted = [(parent, name, child) for parent in vision.modules() for name, child in parent.named_children()
+                 if isinstance(child, Float8InferenceLinear)]
+    for parent, name, child in converted:
+        plain = torch.nn.Linear(child.in_features, child.out_features, bias=child.bias is not None, device="meta")
+        plain.weight, plain.bias = child.weight, child.bias
+        setattr(parent, name, plain)
+    try:
+        with torch.compiler.set_stance("force_eager"):  # no recompilation for the swapped layers
+            bf16_tokens, bf16_features = outputs()
+    finally:
+        for parent, name, child in converted:
+            setattr(parent, name, child)
+    return {"fp8_layers": len(converted), **deviation(fp8_tokens, bf16_tokens, "fp8_vs_bf16_vit_tokens"),
+            **deviation(fp8_features, bf16_features, "fp8_vs_bf16_itc_image_features")}
+
+
+def project(batch: int, steps: int, warmup: int, peak: float, baselines: dict[str, float], variant: str) -> float:
     from seed_lightning.core.optim import OptimConfig
     from seed_lightning.core.throughput import ThroughputCallback
     from seed_lightning.tokenizer.model import SeedTokenizerConfig
@@ -65,60 +120,58 @@ def project(batch: int, steps: int, warmup: int, peak: float, extra: dict, varia
     with torch.device("cuda"):  # random init on the GPU: seconds instead of a minute on CPU
         module = TokenizerModule(SeedTokenizerConfig(), TEXT_TOKENIZER, stage="contrastive",
                                  optim=OptimConfig(lr=3e-5, min_lr=3e-6, warmup_start_lr=3e-7), **VARIANTS[variant])
-    batch_fn = make_batch_fn(batch)
+    batch_fn = image_caption_batches(batch)
     vit, trainable = flops_per_image(module, batch_fn)
     per_image = vit + 3 * trainable
     module.flops_per_sample = lambda: per_image
     meter = ThroughputCallback(peak_flops=peak, log_every_n_steps=steps, skip_first_steps=warmup)
+    sample = batch_fn(0)
+
+    def measure(trained) -> dict:
+        fields = vit_alone(trained, sample["pixel_values"].cuda(), steps, vit, peak)
+        return {**fields, **(fp8_deviation(trained, sample) if trained.hparams.vision_fp8 else {})}
+
+    after = AfterTraining(measure)
     reset_memory()
-    lightning_trainer(warmup + steps, [meter]).fit(module, loader(batch_fn, warmup + steps))
+    lightning_trainer(warmup + steps, [meter, after]).fit(module, loader(batch_fn, warmup + steps))
     rate = meter.history[-1]["samples_per_sec"]
-    extra = {**extra, "ratio_to_baseline": rate / extra["baseline_images_per_sec"]}
     report("stage1", f"project TokenizerModule contrastive {variant} B={batch}", batch=batch, images_per_sec=rate,
-           variant=VARIANTS[variant],
+           variant=VARIANTS[variant], baseline_images_per_sec=baselines["bfloat16"],
+           ratio_to_baseline=rate / baselines["bfloat16"],
+           ratio_to_fp32_frozen_baseline=rate / baselines["float32"],
            vit_fwd_gflops_per_image=vit / 1e9, trainable_fwd_gflops_per_image=trainable / 1e9,
            flops_formula="ViT fwd + 3 x (Q-Former+text+proj fwd), FlopCounterMode",
-           **mfu_fields(rate * per_image, peak), peak_mem_gib=peak_memory_gib(), **extra)
+           **mfu_fields(rate * per_image, peak), peak_mem_gib=peak_memory_gib(), **after.fields)
     del module
     return rate
 
 
-def baseline(batch: int, steps: int, warmup: int, peak: float) -> float:
-    """Straightforward HF: fp32 modules, autocast bf16, no_grad ViT, AdamW (foreach), ITC loss."""
-    from transformers import AutoTokenizer, Blip2QFormerConfig, Blip2QFormerModel, Blip2VisionConfig, Blip2VisionModel
+def baseline(batch: int, steps: int, warmup: int, frozen_dtype: torch.dtype) -> float:
+    """Straightforward HF: the frozen ViT held in `frozen_dtype` (see `plain_vit_tokens`), the trained parts fp32
+    under bf16 autocast, AdamW (foreach), ITC loss."""
+    from transformers import AutoTokenizer
     from transformers.models.blip_2.modeling_blip_2 import Blip2TextEmbeddings
 
     reset_memory()
+    parts = plain_blip2_encoders(frozen_dtype)
     with torch.device("cuda"):
-        vision = Blip2VisionModel(Blip2VisionConfig(image_size=224, patch_size=14, hidden_size=1408, num_hidden_layers=39,
-                                                    num_attention_heads=16, intermediate_size=6144, qkv_bias=True,
-                                                    layer_norm_eps=1e-6, attn_implementation="sdpa")).eval()
-        vision.requires_grad_(False)
-        ln_vision = torch.nn.LayerNorm(1408)
-        qconfig = Blip2QFormerConfig(encoder_hidden_size=1408, use_qformer_text_input=True, attn_implementation="sdpa")
-        qformer = Blip2QFormerModel(qconfig)
-        text_embeddings = Blip2TextEmbeddings(qconfig)
-        queries = torch.nn.Parameter(torch.randn(1, 32, 768) * 0.02)
+        text_embeddings = Blip2TextEmbeddings(parts.qformer_config)
         image_proj, text_proj = torch.nn.Linear(768, 256), torch.nn.Linear(768, 256)
         temperature = torch.nn.Parameter(torch.tensor(0.07))
-    params = [*ln_vision.parameters(), *qformer.parameters(), *text_embeddings.parameters(), queries,
+    params = [*parts.ln_vision.parameters(), *parts.qformer.parameters(), *text_embeddings.parameters(), parts.queries,
               *image_proj.parameters(), *text_proj.parameters(), temperature]
     optimizer = torch.optim.AdamW(params, lr=3e-5, weight_decay=0.05)
     tokenizer = AutoTokenizer.from_pretrained(TEXT_TOKENIZER)
-    sample = make_batch_fn(batch)(0)
-    causal = torch.tril(torch.ones(32, 32, dtype=torch.bool, device="cuda"))[None, None]
+    sample = image_caption_batches(batch)(0)
 
     def step():
         pixels = sample["pixel_values"].cuda(non_blocking=True)
         text = tokenizer(sample["caption"], padding="longest", truncation=True, max_length=32, return_tensors="pt").to("cuda")
+        image = plain_vit_tokens(parts.vision, pixels)
         with torch.autocast("cuda", torch.bfloat16):
-            with torch.no_grad():
-                image = vision(pixel_values=pixels).last_hidden_state
-            image = ln_vision(image)
-            q = qformer(query_embeds=queries.expand(batch, -1, -1), attention_mask=causal.expand(batch, 1, 32, 32),
-                        encoder_hidden_states=image).last_hidden_state
-            t = qformer(query_embeds=text_embeddings(input_ids=text["input_ids"]), query_length=0,
-                        attention_mask=text["attention_mask"]).last_hidden_state
+            q = plain_causal_queries(parts, image)
+            t = parts.qformer(query_embeds=text_embeddings(input_ids=text["input_ids"]), query_length=0,
+                              attention_mask=text["attention_mask"]).last_hidden_state
             image_features = F.normalize(image_proj(q[:, -1]), dim=-1)
             text_features = F.normalize(text_proj(t[:, 0]), dim=-1)
             logits = image_features @ text_features.t() / temperature
@@ -131,18 +184,23 @@ def baseline(batch: int, steps: int, warmup: int, peak: float) -> float:
 
     seconds = cuda_time(step, warmup=warmup, iters=steps)
     rate = batch / seconds
-    report("stage1", f"baseline plain HF B={batch}", batch=batch, images_per_sec=rate, peak_mem_gib=peak_memory_gib())
+    name = {torch.bfloat16: "THE baseline: plain HF, bf16 frozen ViT outside autocast",
+            torch.float32: "baseline: plain HF, fp32 frozen ViT under autocast"}[frozen_dtype]
+    report("stage1", f"{name} B={batch}", batch=batch, images_per_sec=rate, frozen_dtype=str(frozen_dtype),
+           peak_mem_gib=peak_memory_gib())
+    return rate
 
-    # The bound: the frozen ViT-g forward alone, bf16 weights, no autograd.
-    vision = vision.to(torch.bfloat16)
-    pixels = sample["pixel_values"].cuda().to(torch.bfloat16)
+
+def vit_bound(batch: int, steps: int, peak: float) -> None:
+    """The plain HF ViT-g forward alone, bf16 weights, no autograd: what a stage-1 step without FP8 cannot beat."""
+    reset_memory()
+    vision = plain_blip2_encoders(torch.bfloat16).vision
+    pixels = image_caption_batches(batch)(0)["pixel_values"].cuda().to(torch.bfloat16)
     with torch.no_grad():
         vit_flops = counted_flops(lambda: vision(pixel_values=pixels[:2])) / 2
         seconds = cuda_time(lambda: vision(pixel_values=pixels), warmup=2, iters=steps)
-    report("stage1", f"bound: ViT-g/14 forward alone bf16 B={batch}", batch=batch, images_per_sec=batch / seconds,
-           **mfu_fields(batch / seconds * vit_flops, peak))
-    del vision, qformer, optimizer
-    return rate
+    report("stage1", f"bound: plain HF ViT-g/14 forward alone bf16 B={batch}", batch=batch,
+           images_per_sec=batch / seconds, **mfu_fields(batch / seconds * vit_flops, peak))
 
 
 def main() -> None:
@@ -150,16 +208,18 @@ def main() -> None:
     parser.add_argument("--batch", type=int, nargs="+", default=[256])
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--variants", nargs="+", default=["default", "fp8"], choices=list(VARIANTS))
+    parser.add_argument("--variants", nargs="+", default=["default", "torchao-fp8"], choices=list(VARIANTS))
     args = parser.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = True
     peak = measured_bf16_peak()
     report("stage1", "bf16 matmul peak 8192^3", tflops=peak / 1e12, device=device_name())
     for batch in args.batch:
-        base = baseline(batch, args.steps, args.warmup, peak)
+        baselines = {str(dtype).removeprefix("torch."): baseline(batch, args.steps, args.warmup, dtype)
+                     for dtype in (torch.bfloat16, torch.float32)}
+        vit_bound(batch, args.steps, peak)
         for variant in args.variants:
             try:
-                project(batch, args.steps, args.warmup, peak, {"baseline_images_per_sec": base}, variant)
+                project(batch, args.steps, args.warmup, peak, baselines, variant)
             except Exception as error:  # one failing variant must not cost the others' device time
                 report("stage1", f"project {variant} B={batch}: FAILED {error!r}")
 

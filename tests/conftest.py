@@ -1,5 +1,6 @@
 """Shared fixtures: the default synthetic data and tiny local models (built once, as `make data` does)."""
 
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -31,3 +32,41 @@ def no_java(tmp_path, monkeypatch):
     captions._java_problem.cache_clear()
     yield
     captions._java_problem.cache_clear()
+
+
+@pytest.fixture
+def fake_torchao(monkeypatch):
+    """A stand-in for torchao, whose float8 refuses to run on CPUs: `quantize_` with
+    `Float8DynamicActivationFloat8WeightConfig(granularity=PerRow())` replaces a bf16 Linear's weight by its rows
+    rounded through e4m3 (each row scaled to e4m3's range), as a plain bf16 tensor. `quantized` counts the calls."""
+    import importlib.machinery
+    import types
+
+    import torch
+
+    class PerRow:
+        pass
+
+    class Float8DynamicActivationFloat8WeightConfig:
+        def __init__(self, granularity):
+            self.granularity = granularity
+
+    def quantize_(model, config, filter_fn=None, device=None):
+        assert isinstance(model, torch.nn.Linear) and isinstance(config.granularity, PerRow)
+        weight = model.weight
+        assert weight.dtype == torch.bfloat16, "PerRow quantization only works for bfloat16 precision input weight"
+        scale = weight.float().abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / torch.finfo(torch.float8_e4m3fn).max
+        rounded = (weight.float() / scale).to(torch.float8_e4m3fn).float() * scale
+        model.weight = torch.nn.Parameter(rounded.to(weight.dtype), requires_grad=False)
+        quantization.quantized += 1
+
+    torchao = types.ModuleType("torchao")
+    torchao.__spec__ = importlib.machinery.ModuleSpec("torchao", None)
+    quantization = types.ModuleType("torchao.quantization")
+    quantization.PerRow, quantization.quantize_ = PerRow, quantize_
+    quantization.Float8DynamicActivationFloat8WeightConfig = Float8DynamicActivationFloat8WeightConfig
+    quantization.quantized = 0
+    torchao.quantization = quantization
+    monkeypatch.setitem(sys.modules, "torchao", torchao)
+    monkeypatch.setitem(sys.modules, "torchao.quantization", quantization)
+    return quantization

@@ -89,9 +89,10 @@ class TokenizerModule(AdamWModule):
             frozen_dtype: dtype the frozen parts are held and run in (the ViT trunk; in stage 2 also ln_vision
                 and the Q-Former): "auto" = bfloat16 under a bf16 Trainer precision, else float32. bf16 halves
                 their memory and skips autocast's per-step weight casts.
-            vision_fp8: run the frozen ViT's linear layers in FP8 (e4m3, per-token and per-channel scales) on
-                GPUs with FP8 tensor cores (H100/H200, Ada); set `compile` too, or the scaling ops cost more than
-                FP8 saves. It changes the ViT's output a little (bench/RESULTS.md measures by how much).
+            vision_fp8: run the frozen ViT's linear layers in FP8 through torchao (e4m3, per-token and per-channel
+                scales; `pip install 'seed-lightning[fp8]'`) on GPUs with FP8 tensor cores (H100/H200, Ada), with the
+                trunk in bf16; set `compile` too, or the scaling ops cost more than FP8 saves. It changes the ViT's
+                output a little (bench/RESULTS.md measures by how much).
             compile: torch.compile the frozen ViT trunk and, in stage 2, the trained codebook layers and heads
                 (fewer kernel launches, fused elementwise work; the first steps are slower while it compiles).
         """
@@ -119,8 +120,8 @@ class TokenizerModule(AdamWModule):
     # ---- construction -------------------------------------------------------------------------
     @classmethod
     def check_requirements(cls, init_args: dict, stage: str) -> None:
-        """The pretrained parts, the text tokenizer, stage 2's start and its generation target exist (see
-        `seed_lightning.core.preflight`)."""
+        """The pretrained parts, the text tokenizer, stage 2's start and its generation target exist, and FP8 has
+        torchao and a GPU that runs it (see `seed_lightning.core.preflight`)."""
         model = as_config(init_args["model"], SeedTokenizerConfig, "model.model")
         check_pretrained(model.vision.pretrained, "model.model.vision.pretrained")
         check_pretrained(model.qformer.pretrained, "model.model.qformer.pretrained")
@@ -129,6 +130,8 @@ class TokenizerModule(AdamWModule):
         if init_args["stage"] == "codebook" and init_args["gen_weight"] > 0:
             check_pretrained(init_args["generation_target"], "model.generation_target",
                              marker="text_encoder/config.json")
+        if init_args["vision_fp8"]:
+            require_fp8_support(None, "model.vision_fp8")
 
     def _build_tokenizer(self, config: SeedTokenizerConfig, init_from: str | None) -> SeedTokenizer:
         if init_from is None:
@@ -192,8 +195,8 @@ class TokenizerModule(AdamWModule):
         if self.hparams.vision_fp8:
             if self.tokenizer.vision.config.trainable:
                 raise ConfigError("model.vision_fp8 needs a frozen ViT; set vision.trainable: false or vision_fp8: false")
-            require_fp8_support(self.trainer.strategy.root_device)
-            convert_linears_to_fp8(encoder)
+            require_fp8_support(self.trainer.strategy.root_device, "model.vision_fp8")
+            convert_linears_to_fp8(self.tokenizer.vision)  # the ViT's frozen trunk; the compiled encoder sits inside
         if self.hparams.compile:
             # Multi-kernel lets Inductor also try single-pass (persistent) kernels for the wide LayerNorm/GELU
             # rows and keep the faster; bench/RESULTS.md measures the gain.

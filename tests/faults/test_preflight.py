@@ -341,3 +341,24 @@ def test_legacy_hub_ids_without_an_owner_resolve_through_the_cache(hub_cache, mo
     check_pretrained("bert-base-uncased", "model.text_tokenizer")
     message = one_line_error("nor in the Hugging Face cache", check_pretrained, "bert-base-cased", "model.text_tokenizer")
     assert "bert-base-cased" in message
+
+
+def test_vision_fp8_without_torchao_stops_the_tokenizer_run_in_one_line_before_the_model_is_built(
+    default_world, tmp_path, monkeypatch, capsys
+):
+    import sys
+
+    from seed_lightning.tokenizer.module import TokenizerModule
+
+    def build(*args, **kwargs):
+        raise ModelBuilt
+
+    monkeypatch.setattr(TokenizerModule, "_build_tokenizer", build)
+    monkeypatch.chdir(default_world.repo)
+    monkeypatch.setitem(sys.modules, "torchao", None)  # not installed
+    args = ["tokenizer", "fit", "-c", "conf/tokenizer/tiny.yaml", "--trainer.default_root_dir", str(tmp_path)]
+    code, error = cli_exit([*args, "--model.vision_fp8", "true"], capsys)
+    assert code == 2 and "\n" not in error
+    assert "model.vision_fp8 needs torchao, which is not installed: pip install torchao==0.18.0" in error
+    with pytest.raises(ModelBuilt):  # FP8 off (the config's default): the run goes on to build the model
+        cli_exit(args, capsys)

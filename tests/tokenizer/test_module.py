@@ -242,18 +242,73 @@ def test_fp32_precision_keeps_every_weight_fp32(default_world, tmp_path):
     assert {p.dtype for p in module.parameters()} == {torch.float32}
 
 
-def test_vision_fp8_runs_the_frozen_trunk_close_to_bf16(default_world, tmp_path):
-    from seed_lightning.core.fp8 import Fp8Linear
+def test_vision_fp8_converts_the_frozen_trunk_linears_and_leaves_training_unchanged(
+    default_world, tmp_path, fake_torchao, monkeypatch
+):
+    from seed_lightning.core.fp8 import Float8InferenceLinear
+    from seed_lightning.tokenizer import module as module_file
 
+    checked = []
+    monkeypatch.setattr(module_file, "require_fp8_support", lambda device, option: checked.append(device))
+    torch.manual_seed(0)
     plain = prepared(default_world, tmp_path, "bf16-mixed")
+    torch.manual_seed(0)
     fp8 = prepared(default_world, tmp_path, "bf16-mixed", vision_fp8=True)
-    linears = [m for m in fp8.tokenizer.vision.model.encoder.modules() if isinstance(m, Fp8Linear)]
-    assert len(linears) == 4 * fp8.tokenizer.vision.config.num_layers  # qkv, projection, fc1, fc2 per block
+    assert checked == [torch.device("cpu")]  # the device the Trainer runs on
+    converted = {name for name, m in fp8.named_modules() if isinstance(m, Float8InferenceLinear)}
+    trunk_linears = {name for name, m in plain.named_modules()
+                     if isinstance(m, torch.nn.Linear) and name.startswith("tokenizer.vision.model.encoder.")}
+    assert converted == trunk_linears and len(converted) == 4 * fp8.tokenizer.vision.config.num_layers
+    assert not any(isinstance(m, Float8InferenceLinear) for m in fp8.tokenizer.qformer.modules())
+    ln_vision = fp8.tokenizer.vision.ln_vision
+    assert type(ln_vision) is torch.nn.LayerNorm and ln_vision.weight.requires_grad
+    # Same parameters, trainable set, optimizer groups and state dict as without FP8.
+    trainable = lambda m: [(n, p.dtype) for n, p in m.named_parameters() if p.requires_grad]
+    assert trainable(fp8) == trainable(plain)
+    assert [(n, p.dtype) for n, p in fp8.named_parameters()] == [(n, p.dtype) for n, p in plain.named_parameters()]
+    assert optimizer_params(fp8) == {id(p) for p in fp8.parameters() if p.requires_grad}
+    state, plain_state = fp8.state_dict(), plain.state_dict()
+    assert state.keys() == plain_state.keys() and all(torch.equal(state[k], plain_state[k]) for k in state)
     pixels = one_batch(default_world)["pixel_values"]
     with torch.no_grad():
         reference, out = plain.tokenizer.vision(pixels), fp8.tokenizer.vision(pixels)
+    assert fake_torchao.quantized == len(converted)
     cosine = torch.nn.functional.cosine_similarity(out.float(), reference.float(), dim=-1)
-    assert cosine.min() > 0.97
+    assert 0.97 < cosine.min() and not torch.equal(out, reference)
+    fp8.on_train_start()
+    with torch.autocast("cpu", torch.bfloat16):
+        loss = outside_fit(fp8).training_step(one_batch(default_world), 0)
+    loss.backward()
+    assert ln_vision.weight.grad.abs().sum() > 0 and fp8.tokenizer.qformer.query_tokens.grad.abs().sum() > 0
+
+
+def test_vision_fp8_is_refused_before_training_on_a_cpu_or_without_torchao(default_world, tmp_path, fake_torchao,
+                                                                           monkeypatch):
+    import sys
+
+    from seed_lightning.core.errors import ConfigError
+
+    init_args = {"model": tiny_config(default_world), "text_tokenizer": str(default_world.models / "bert-tokenizer"),
+                 "stage": "contrastive", "init_from": None, "gen_weight": 1.0, "generation_target": None,
+                 "vision_fp8": False}
+    TokenizerModule.check_requirements(init_args, "fit")
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="model.vision_fp8 needs a CUDA GPU with FP8 tensor cores"):
+            TokenizerModule.check_requirements({**init_args, "vision_fp8": True}, "fit")
+    with pytest.raises(ConfigError, match="this run is on cpu; or set model.vision_fp8: false"):
+        prepared(default_world, tmp_path, "bf16-mixed", vision_fp8=True)  # a CPU Trainer on any machine
+    monkeypatch.setitem(sys.modules, "torchao", None)
+    with pytest.raises(ConfigError, match=r"pip install torchao==0\.18\.0"):
+        TokenizerModule.check_requirements({**init_args, "vision_fp8": True}, "fit")
+
+
+def test_vision_fp8_needs_bf16_frozen_weights(default_world, tmp_path, fake_torchao, monkeypatch):
+    from seed_lightning.core.errors import ConfigError
+    from seed_lightning.tokenizer import module as module_file
+
+    monkeypatch.setattr(module_file, "require_fp8_support", lambda device, option: None)
+    with pytest.raises(ConfigError, match="frozen_dtype: bfloat16"):
+        prepared(default_world, tmp_path, "32-true", vision_fp8=True)
 
 
 def test_vision_fp8_needs_a_frozen_vit(default_world, tmp_path):
