@@ -1,6 +1,6 @@
 """Stage 1 (ITC) at paper shapes: frozen ViT-g/14 224px + BERT-base Causal Q-Former + text branch.
 
-Project: the real TokenizerModule(stage="contrastive") under a bf16-mixed Lightning Trainer.
+Project: the real ContrastiveModule (tokenizer stage 1) under a bf16-mixed Lightning Trainer.
 Baseline (same run): plain transformers Blip2VisionModel + Blip2QFormerModel + BERT text branch,
 fp32 weights under bf16 autocast, a hand-written loop. Also the ViT-g forward alone (the bound).
 
@@ -57,14 +57,14 @@ VARIANTS = {
 def project(batch: int, steps: int, warmup: int, peak: float, extra: dict, variant: str = "default") -> float:
     from seed_lightning.core.optim import OptimConfig
     from seed_lightning.core.throughput import ThroughputCallback
+    from seed_lightning.tokenizer.contrastive import ContrastiveModule
     from seed_lightning.tokenizer.model import SeedTokenizerConfig
-    from seed_lightning.tokenizer.module import TokenizerModule
 
     reset_memory()
     torch._dynamo.reset()
     with torch.device("cuda"):  # random init on the GPU: seconds instead of a minute on CPU
-        module = TokenizerModule(SeedTokenizerConfig(), TEXT_TOKENIZER, stage="contrastive",
-                                 optim=OptimConfig(lr=3e-5, min_lr=3e-6, warmup_start_lr=3e-7), **VARIANTS[variant])
+        module = ContrastiveModule(model=SeedTokenizerConfig(), text_tokenizer=TEXT_TOKENIZER,
+                                   optim=OptimConfig(lr=3e-5, min_lr=3e-6, warmup_start_lr=3e-7), **VARIANTS[variant])
     batch_fn = make_batch_fn(batch)
     vit, trainable = flops_per_image(module, batch_fn)
     per_image = vit + 3 * trainable
@@ -74,7 +74,7 @@ def project(batch: int, steps: int, warmup: int, peak: float, extra: dict, varia
     lightning_trainer(warmup + steps, [meter]).fit(module, loader(batch_fn, warmup + steps))
     rate = meter.history[-1]["samples_per_sec"]
     extra = {**extra, "ratio_to_baseline": rate / extra["baseline_images_per_sec"]}
-    report("stage1", f"project TokenizerModule contrastive {variant} B={batch}", batch=batch, images_per_sec=rate,
+    report("stage1", f"project ContrastiveModule {variant} B={batch}", batch=batch, images_per_sec=rate,
            variant=VARIANTS[variant],
            vit_fwd_gflops_per_image=vit / 1e9, trainable_fwd_gflops_per_image=trainable / 1e9,
            flops_formula="ViT fwd + 3 x (Q-Former+text+proj fwd), FlopCounterMode",

@@ -1,6 +1,6 @@
 """Stage 2 (codebook + heads) epoch time: reading cached causal embeddings vs recomputing the encoders.
 
-Both sides are the real TokenizerModule(stage="codebook") under a bf16-mixed Lightning Trainer at the
+Both sides are the real CodebookModule (tokenizer stage 2) under a bf16-mixed Lightning Trainer at the
 paper's 256 images/GPU: `cache_embeddings=True` (epoch 1 fills the disk cache, later epochs read it)
 against `cache_embeddings=False` (every epoch re-runs the frozen ViT-g + Q-Former). L_gen is off on
 both sides (its target, SD's CLIP text encoder, is a further frozen tower; see RESULTS.md).
@@ -34,8 +34,8 @@ class EpochTimer(L.Callback):
 
 
 def run(cache: bool, batch: int, batches: int, epochs: int, compile: bool = False) -> list[float]:
+    from seed_lightning.tokenizer.codebook import CodebookModule
     from seed_lightning.tokenizer.model import SeedTokenizerConfig
-    from seed_lightning.tokenizer.module import TokenizerModule
 
     reset_memory()
     generator = torch.Generator().manual_seed(0)
@@ -47,8 +47,8 @@ def run(cache: bool, batch: int, batches: int, epochs: int, compile: bool = Fals
 
     with tempfile.TemporaryDirectory() as cache_dir:
         with torch.device("cuda"):
-            module = TokenizerModule(SeedTokenizerConfig(), TEXT_TOKENIZER, stage="codebook",
-                                     cache_embeddings=cache, cache_dir=cache_dir, compile=compile)
+            module = CodebookModule(model=SeedTokenizerConfig(), text_tokenizer=TEXT_TOKENIZER,
+                                    cache_embeddings=cache, cache_dir=cache_dir, compile=compile)
         timer = EpochTimer()
         lightning_trainer(-1, [timer], max_epochs=epochs).fit(module, loader(make, batches))
     return timer.seconds

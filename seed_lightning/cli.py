@@ -10,6 +10,7 @@
 
 `tokenizer` and `mllm` are LightningCLIs over TokenizerModule / MLLMModule + ShardDataModule: every
 YAML key is a typed argument of those classes or of the Trainer (`--help` lists them with their docstrings).
+The tokenizer's YAML picks its stage by `model.class_path` (ContrastiveModule, CodebookModule).
 Errors a user can fix (bad config key, missing path, no GPU, ...) print one line and exit 2.
 """
 
@@ -58,6 +59,14 @@ def link_data_to_model(parser, model_class: type) -> None:
             compute_fn=lambda module: module.mllm.config.tokens_per_image,
             apply_on="instantiate",
         )
+
+
+def subclass_mode(model_class: type) -> bool:
+    """Whether the YAML's `model.class_path` picks a subclass of `model_class`: the tokenizer's stages subclass
+    TokenizerModule."""
+    from seed_lightning.tokenizer.module import TokenizerModule
+
+    return issubclass(model_class, TokenizerModule)
 
 
 def _run_lightning_cli(model_class, argv: list[str]) -> None:
@@ -115,6 +124,7 @@ def _run_lightning_cli(model_class, argv: list[str]) -> None:
         model_class,
         ShardDataModule,
         args=argv,
+        subclass_mode_model=subclass_mode(model_class),
         save_config_callback=RunConfigCallback,
         auto_configure_optimizers=False,
         parser_kwargs={"exit_on_error": False},
