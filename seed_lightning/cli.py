@@ -69,6 +69,17 @@ def subclass_mode(model_class: type) -> bool:
     return issubclass(model_class, TokenizerModule)
 
 
+def check_checkpoint_class(model_class: type, ckpt_path: str) -> None:
+    """`model_class.check_checkpoint(hyperparameters)`, where it has one, on an explicit checkpoint file: Lightning
+    rebuilds the model from those hyperparameters right after parsing, and a checkpoint it cannot rebuild from gets
+    one line instead of a parser trace."""
+    check = getattr(model_class, "check_checkpoint", None)
+    if check is not None and Path(ckpt_path).is_file():
+        import torch
+
+        check(torch.load(ckpt_path, map_location="cpu", mmap=True, weights_only=True).get("hyper_parameters") or {})
+
+
 def _run_lightning_cli(model_class, argv: list[str]) -> None:
     import jsonargparse
     from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
@@ -103,6 +114,7 @@ def _run_lightning_cli(model_class, argv: list[str]) -> None:
             if ckpt_path not in (None, "last"):
                 # Lightning reads an explicit file's hyperparameters right after parsing, before any hook.
                 checked_ckpt_path(ckpt_path)
+                check_checkpoint_class(self.model_class, ckpt_path)
 
         def add_arguments_to_parser(self, parser) -> None:
             link_data_to_model(parser, self.model_class)
