@@ -145,6 +145,17 @@ def test_a_checkpoint_of_the_single_tokenizer_module_of_earlier_versions_is_one_
     assert "model.class_path seed_lightning.tokenizer.codebook.CodebookModule with model.init_from" in error
 
 
+def test_a_tokenizer_config_that_picks_no_stage_class_is_one_line(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(REPO)
+    config = yaml.safe_load((REPO / "conf/tokenizer/tiny.yaml").read_text())
+    config["model"] = config["model"]["init_args"]  # no class_path: LightningCLI falls back to the base class
+    (tmp_path / "flat.yaml").write_text(yaml.safe_dump(config))
+    code = cli.main(["tokenizer", "fit", "-c", str(tmp_path / "flat.yaml"), "--trainer.default_root_dir", str(tmp_path)])
+    error = capsys.readouterr().err.splitlines()
+    assert code == 2 and error[-1].startswith("seed-lightning: error: model.class_path: choose a stage"), error
+    assert "ContrastiveModule (stage 1)" in error[-1] and "Traceback" not in "\n".join(error)
+
+
 @pytest.mark.slow
 def test_validate_rebuilds_the_stage_module_of_an_explicit_checkpoint(default_world, tmp_path, monkeypatch):
     from tests.tokenizer.test_module import make_module, save_checkpoint

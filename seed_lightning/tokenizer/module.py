@@ -34,6 +34,8 @@ STAGE_CLASSES = {
     "codebook": "seed_lightning.tokenizer.codebook.CodebookModule",
 }
 """The class of each stage, by the `stage` name the single TokenizerModule of earlier versions took."""
+CHOOSE_A_STAGE = (f"model.class_path: choose a stage, {STAGE_CLASSES['contrastive']} (stage 1) or "
+                  f"{STAGE_CLASSES['codebook']} (stage 2), not the TokenizerModule base")
 
 
 def _check_init_from(init_from: str | None) -> None:
@@ -86,8 +88,7 @@ class TokenizerModule(AdamWModule):
         """
         super().__init__()
         if type(self) is TokenizerModule:
-            raise ConfigError(f"model.class_path: choose a stage, {STAGE_CLASSES['contrastive']} (stage 1) or "
-                              f"{STAGE_CLASSES['codebook']} (stage 2), not the TokenizerModule base")
+            raise ConfigError(CHOOSE_A_STAGE)
         model = as_config(model, SeedTokenizerConfig, "model.model")
         self.optim_config = as_config(optim, OptimConfig, "model.optim")
         # Plain data only, so checkpoints load with torch.load(weights_only=True). The class path and instantiator
@@ -109,7 +110,10 @@ class TokenizerModule(AdamWModule):
     # ---- construction -------------------------------------------------------------------------
     @classmethod
     def check_requirements(cls, init_args: dict, stage: str) -> None:
-        """The pretrained parts, the text tokenizer and `init_from` exist (see `seed_lightning.core.preflight`)."""
+        """A stage class is chosen; the pretrained parts, the text tokenizer and `init_from` exist (see
+        `seed_lightning.core.preflight`)."""
+        if cls is TokenizerModule:  # a YAML without model.class_path: the base would fail later, in a parser trace
+            raise ConfigError(CHOOSE_A_STAGE)
         model = as_config(init_args["model"], SeedTokenizerConfig, "model.model")
         check_pretrained(model.vision.pretrained, "model.model.vision.pretrained")
         check_pretrained(model.qformer.pretrained, "model.model.qformer.pretrained")
