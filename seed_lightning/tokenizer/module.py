@@ -126,11 +126,11 @@ class TokenizerModule(AdamWModule):
         be restored by a stage class: one ConfigError line says which class starts from its weights instead."""
         stage = hyper_parameters.get("stage")
         if stage is not None:
+            stage_class = STAGE_CLASSES.get(stage, " or ".join(STAGE_CLASSES.values()))
             raise ConfigError(
                 f"the checkpoint was saved by the single TokenizerModule of an earlier version (stage {stage!r}), which"
                 f" this version cannot resume or validate; start from its weights instead: model.class_path"
-                f" {STAGE_CLASSES.get(stage, ' or '.join(STAGE_CLASSES.values()))} with model.init_from set to the checkpoint"
-                " and no ckpt_path"
+                f" {stage_class} with model.init_from set to the checkpoint and no ckpt_path"
             )
 
     def _build_tokenizer(self, config: SeedTokenizerConfig, init_from: str | None) -> SeedTokenizer:

@@ -53,9 +53,11 @@ def test_stage_2_starts_from_a_stage_1_checkpoint(default_world, tmp_path):
     path = save_checkpoint(stage1, tmp_path / "last.ckpt")
     module = make_module(default_world, CodebookModule, init_from=path, cache_embeddings=False)
     for name in ("qformer", "vision"):
-        stage1_state, stage2_state = getattr(stage1.tokenizer, name).state_dict(), getattr(module.tokenizer, name).state_dict()
-        assert all(torch.equal(stage1_state[key], value) for key, value in stage2_state.items()), name
-    assert not torch.equal(module.tokenizer.qformer.query_tokens, make_module(default_world).tokenizer.qformer.query_tokens)
+        trained = getattr(stage1.tokenizer, name).state_dict()
+        started = getattr(module.tokenizer, name).state_dict()
+        assert all(torch.equal(trained[key], value) for key, value in started.items()), name
+    pretrained = make_module(default_world).tokenizer.qformer.query_tokens
+    assert not torch.equal(module.tokenizer.qformer.query_tokens, pretrained)
     module.trainer = trainer(tmp_path, max_steps=1)
     assert torch.isfinite(outside_fit(module).training_step(one_batch(default_world), 0))
 

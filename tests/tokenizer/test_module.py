@@ -144,8 +144,8 @@ def test_a_checkpoint_of_the_single_module_of_earlier_versions_fails_in_one_line
         default_world, tmp_path, stage):
     path = old_checkpoint(default_world, tmp_path, stage)
     module = make_module(default_world, stage, generation_target=None)
-    with pytest.raises(ConfigError, match=rf"single TokenizerModule.*model.class_path {stage.__module__}.{stage.__name__}"
-                                          r" with model.init_from") as error:
+    named = rf"single TokenizerModule.*model.class_path {stage.__module__}.{stage.__name__} with model.init_from"
+    with pytest.raises(ConfigError, match=named) as error:
         trainer(tmp_path, limit_val_batches=1).validate(module, make_data(default_world), ckpt_path=path)
     assert "\n" not in str(error.value)
     # What the line proposes works: its weights start a module of the class it names.
