@@ -34,13 +34,13 @@ def stage1(batch: int) -> None:
 
     from seed_lightning.core.fp8 import convert_linears_to_fp8
     from seed_lightning.core.optim import OptimConfig, build_optimizer
+    from seed_lightning.tokenizer.contrastive import ContrastiveModule
     from seed_lightning.tokenizer.losses import contrastive_loss
     from seed_lightning.tokenizer.model import SeedTokenizerConfig
-    from seed_lightning.tokenizer.module import TokenizerModule
 
     reset_memory()
     with torch.device("cuda"):
-        module = TokenizerModule(SeedTokenizerConfig(), bench1.TEXT_TOKENIZER, stage="contrastive")
+        module = ContrastiveModule(model=SeedTokenizerConfig(), text_tokenizer=bench1.TEXT_TOKENIZER)
     module.to("cuda").train()  # sets the LightningModule's device, which _tokenize uses
     optimizer = build_optimizer(module, OptimConfig())
     sample = image_caption_batches(batch)(0)
@@ -105,14 +105,14 @@ def stage2(batch: int, batches: int) -> None:
 
     import stage2 as bench2
 
+    from seed_lightning.tokenizer.codebook import CodebookModule
     from seed_lightning.tokenizer.model import SeedTokenizerConfig
-    from seed_lightning.tokenizer.module import TokenizerModule
 
     reset_memory()
     make = image_caption_batches(batch)
     with tempfile.TemporaryDirectory() as cache_dir:
         with torch.device("cuda"):
-            module = TokenizerModule(SeedTokenizerConfig(), bench2.TEXT_TOKENIZER, stage="codebook", cache_dir=cache_dir)
+            module = CodebookModule(model=SeedTokenizerConfig(), text_tokenizer=bench2.TEXT_TOKENIZER, cache_dir=cache_dir)
         timer = bench2.EpochTimer()
         lightning_trainer(-1, [timer, ProfileSteps(2 * batches + 2, 4, "stage2-cached")], max_epochs=3).fit(module, loader(make, batches))
     report("profile-stage2", "cached epochs (last one profiled)", epoch_seconds=timer.seconds, batches=batches, batch=batch)

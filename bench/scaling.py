@@ -1,5 +1,5 @@
 """Multi-GPU scaling on 1..N GPUs of one host, bf16-mixed, the project's real LightningModules:
-- `--model stage1`: TokenizerModule stage 1 (ViT-g/14 + BERT-base Causal Q-Former, ITC with negatives
+- `--model stage1`: ContrastiveModule (tokenizer stage 1) (ViT-g/14 + BERT-base Causal Q-Former, ITC with negatives
   gathered from every rank) under DDP; `--batch` images per GPU.
 - `--model mllm`: MLLMModule (OPT-2.7B + LoRA r16, packed caption-length samples) under DDP or, with
   `--strategy fsdp`, FSDP (FULL_SHARD, one unit per decoder layer, as conf/trainer/fsdp.yaml); `--batch`
@@ -70,12 +70,12 @@ def strategy_for(name: str, devices: int, comm_hook: str):
 
 def stage1_module_and_batches(batch: int, local_rank: int):
     from seed_lightning.core.optim import OptimConfig
+    from seed_lightning.tokenizer.contrastive import ContrastiveModule
     from seed_lightning.tokenizer.model import SeedTokenizerConfig
-    from seed_lightning.tokenizer.module import TokenizerModule
 
     with torch.device(f"cuda:{local_rank}"):  # random init on this rank's GPU
-        module = TokenizerModule(SeedTokenizerConfig(), TEXT_TOKENIZER, stage="contrastive",
-                                 optim=OptimConfig(lr=3e-5, min_lr=3e-6, warmup_start_lr=3e-7))
+        module = ContrastiveModule(model=SeedTokenizerConfig(), text_tokenizer=TEXT_TOKENIZER,
+                                   optim=OptimConfig(lr=3e-5, min_lr=3e-6, warmup_start_lr=3e-7))
     return module, image_caption_batches(batch, seed=local_rank)
 
 

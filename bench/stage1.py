@@ -1,6 +1,6 @@
 """Stage 1 (ITC) at paper shapes: frozen ViT-g/14 224px + BERT-base Causal Q-Former + text branch.
 
-Project: the real TokenizerModule(stage="contrastive") under a bf16-mixed Lightning Trainer, per variant
+Project: the real ContrastiveModule (tokenizer stage 1) under a bf16-mixed Lightning Trainer, per variant
 (`default`: frozen trunk in bf16; `torchao-fp8`: `vision_fp8` + `compile`, the trunk's products in FP8
 through torchao). Baselines (same run, same card, same batch, same trainable set: ln_vision, Q-Former + text
 branch, queries, projections, temperature in fp32 under bf16 autocast; a hand-written loop, AdamW, ITC loss):
@@ -112,14 +112,14 @@ def fp8_deviation(module, sample: dict) -> dict:
 def project(batch: int, steps: int, warmup: int, peak: float, baselines: dict[str, float], variant: str) -> float:
     from seed_lightning.core.optim import OptimConfig
     from seed_lightning.core.throughput import ThroughputCallback
+    from seed_lightning.tokenizer.contrastive import ContrastiveModule
     from seed_lightning.tokenizer.model import SeedTokenizerConfig
-    from seed_lightning.tokenizer.module import TokenizerModule
 
     reset_memory()
     torch._dynamo.reset()
     with torch.device("cuda"):  # random init on the GPU: seconds instead of a minute on CPU
-        module = TokenizerModule(SeedTokenizerConfig(), TEXT_TOKENIZER, stage="contrastive",
-                                 optim=OptimConfig(lr=3e-5, min_lr=3e-6, warmup_start_lr=3e-7), **VARIANTS[variant])
+        module = ContrastiveModule(model=SeedTokenizerConfig(), text_tokenizer=TEXT_TOKENIZER,
+                                   optim=OptimConfig(lr=3e-5, min_lr=3e-6, warmup_start_lr=3e-7), **VARIANTS[variant])
     batch_fn = image_caption_batches(batch)
     vit, trainable = flops_per_image(module, batch_fn)
     per_image = vit + 3 * trainable
@@ -135,7 +135,7 @@ def project(batch: int, steps: int, warmup: int, peak: float, baselines: dict[st
     reset_memory()
     lightning_trainer(warmup + steps, [meter, after]).fit(module, loader(batch_fn, warmup + steps))
     rate = meter.history[-1]["samples_per_sec"]
-    report("stage1", f"project TokenizerModule contrastive {variant} B={batch}", batch=batch, images_per_sec=rate,
+    report("stage1", f"project ContrastiveModule {variant} B={batch}", batch=batch, images_per_sec=rate,
            variant=VARIANTS[variant], baseline_images_per_sec=baselines["bfloat16"],
            ratio_to_baseline=rate / baselines["bfloat16"],
            ratio_to_fp32_frozen_baseline=rate / baselines["float32"],

@@ -1,6 +1,6 @@
 """Stage 2 (codebook + heads) epoch time: reading cached causal embeddings vs recomputing the encoders.
 
-Project: the real TokenizerModule(stage="codebook") under a bf16-mixed Lightning Trainer with
+Project: the real CodebookModule (tokenizer stage 2) under a bf16-mixed Lightning Trainer with
 `cache_embeddings=True` (epoch 1 fills the disk cache, later epochs read it), eager and with `compile`.
 THE baseline (same run, same card, same batch and data): a plain step that recomputes the frozen encoders
 every step, as plain transformers parts held in bf16 (ViT-g/14, ln_vision, Q-Former and its queries, run in
@@ -41,11 +41,11 @@ class EpochTimer(L.Callback):
 
 
 def codebook_module(**kwargs):
+    from seed_lightning.tokenizer.codebook import CodebookModule
     from seed_lightning.tokenizer.model import SeedTokenizerConfig
-    from seed_lightning.tokenizer.module import TokenizerModule
 
     with torch.device("cuda"):
-        return TokenizerModule(SeedTokenizerConfig(), TEXT_TOKENIZER, stage="codebook", **kwargs)
+        return CodebookModule(model=SeedTokenizerConfig(), text_tokenizer=TEXT_TOKENIZER, **kwargs)
 
 
 def run(cache: bool, batch: int, batches: int, epochs: int, compile: bool = False) -> list[float]:

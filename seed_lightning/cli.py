@@ -10,6 +10,7 @@
 
 `tokenizer` and `mllm` are LightningCLIs over TokenizerModule / MLLMModule + ShardDataModule: every
 YAML key is a typed argument of those classes or of the Trainer (`--help` lists them with their docstrings).
+The tokenizer's YAML picks its stage by `model.class_path` (ContrastiveModule, CodebookModule).
 Errors a user can fix (bad config key, missing path, no GPU, ...) print one line and exit 2.
 """
 
@@ -60,6 +61,25 @@ def link_data_to_model(parser, model_class: type) -> None:
         )
 
 
+def subclass_mode(model_class: type) -> bool:
+    """Whether the YAML's `model.class_path` picks a subclass of `model_class`: the tokenizer's stages subclass
+    TokenizerModule."""
+    from seed_lightning.tokenizer.module import TokenizerModule
+
+    return issubclass(model_class, TokenizerModule)
+
+
+def check_checkpoint_class(model_class: type, ckpt_path: str) -> None:
+    """`model_class.check_checkpoint(hyperparameters)`, where it has one, on an explicit checkpoint file: Lightning
+    rebuilds the model from those hyperparameters right after parsing, and a checkpoint it cannot rebuild from gets
+    one line instead of a parser trace."""
+    check = getattr(model_class, "check_checkpoint", None)
+    if check is not None and Path(ckpt_path).is_file():
+        import torch
+
+        check(torch.load(ckpt_path, map_location="cpu", mmap=True, weights_only=True).get("hyper_parameters") or {})
+
+
 def _run_lightning_cli(model_class, argv: list[str]) -> None:
     import jsonargparse
     from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
@@ -94,6 +114,7 @@ def _run_lightning_cli(model_class, argv: list[str]) -> None:
             if ckpt_path not in (None, "last"):
                 # Lightning reads an explicit file's hyperparameters right after parsing, before any hook.
                 checked_ckpt_path(ckpt_path)
+                check_checkpoint_class(self.model_class, ckpt_path)
 
         def add_arguments_to_parser(self, parser) -> None:
             link_data_to_model(parser, self.model_class)
@@ -115,6 +136,7 @@ def _run_lightning_cli(model_class, argv: list[str]) -> None:
         model_class,
         ShardDataModule,
         args=argv,
+        subclass_mode_model=subclass_mode(model_class),
         save_config_callback=RunConfigCallback,
         auto_configure_optimizers=False,
         parser_kwargs={"exit_on_error": False},

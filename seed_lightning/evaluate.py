@@ -60,7 +60,7 @@ def evaluate(
     import jsonargparse
     from lightning.pytorch.cli import LightningCLI
 
-    from seed_lightning.cli import link_data_to_model
+    from seed_lightning.cli import link_data_to_model, subclass_mode
     from seed_lightning.core.preflight import format_cli_error, preflight_config
 
     if datamodule_class is None:
@@ -87,6 +87,7 @@ def evaluate(
         datamodule_class,
         args=args,
         run=False,
+        subclass_mode_model=subclass_mode(model_class),
         save_config_callback=None,  # the training run's config.yaml stays as it is
         auto_configure_optimizers=False,
         parser_kwargs={"exit_on_error": False},

@@ -134,6 +134,50 @@ def test_config_beside_checkpoints_is_the_one_that_produced_them(default_world, 
     assert len(kept) == 1 and kept[0].read_text() == first
 
 
+STAGE_2 = ["-c", "conf/tokenizer/tiny.yaml", "-c", "conf/tokenizer/tiny-codebook.yaml"]
+
+
+@pytest.mark.parametrize("subcommand", ["fit", "validate"])
+def test_a_checkpoint_of_the_single_tokenizer_module_of_earlier_versions_is_one_line_naming_its_stage_class(
+        tmp_path, monkeypatch, capsys, subcommand):
+    monkeypatch.chdir(REPO)
+    checkpoint = tmp_path / "old.ckpt"
+    torch.save({"state_dict": {"tokenizer.w": torch.ones(1)}, "optimizer_states": [{}], "global_step": 1,
+                "hyper_parameters": {"stage": "codebook", "vq_weight": 5.0, "temperature": 0.07}}, checkpoint)
+    code = cli.main(["tokenizer", subcommand, *STAGE_2, "--trainer.default_root_dir", str(tmp_path),
+                     "--ckpt_path", str(checkpoint)])
+    error = capsys.readouterr().err
+    assert code == 2 and len(error.splitlines()) == 1, error
+    assert "single TokenizerModule" in error
+    assert "model.class_path seed_lightning.tokenizer.codebook.CodebookModule with model.init_from" in error
+
+
+def test_a_tokenizer_config_that_picks_no_stage_class_is_one_line(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(REPO)
+    config = yaml.safe_load((REPO / "conf/tokenizer/tiny.yaml").read_text())
+    config["model"] = config["model"]["init_args"]  # no class_path: LightningCLI falls back to the base class
+    (tmp_path / "flat.yaml").write_text(yaml.safe_dump(config))
+    code = cli.main(["tokenizer", "fit", "-c", str(tmp_path / "flat.yaml"), "--trainer.default_root_dir", str(tmp_path)])
+    error = capsys.readouterr().err.splitlines()
+    assert code == 2 and error[-1].startswith("seed-lightning: error: model.class_path: choose a stage"), error
+    assert "ContrastiveModule (stage 1)" in error[-1] and "Traceback" not in "\n".join(error)
+
+
+@pytest.mark.slow
+def test_validate_rebuilds_the_stage_module_of_an_explicit_checkpoint(default_world, tmp_path, monkeypatch):
+    from tests.tokenizer.test_module import make_module, save_checkpoint
+
+    monkeypatch.chdir(default_world.repo)
+    monkeypatch.setenv("SEED_LOG_LEVEL", "WARNING")
+    module = make_module(default_world, export_dir=str(tmp_path / "export"))
+    checkpoint = save_checkpoint(module, tmp_path / "stage1.ckpt")
+    overrides = ["--trainer.default_root_dir", str(tmp_path), "--trainer.logger", "false", "--trainer.limit_val_batches",
+                 "1", "--trainer.enable_progress_bar", "false", "--data.val_batch_size", "8", "--data.num_workers", "0"]
+    # Lightning rebuilds the module from the checkpoint's hyperparameters (its class path among them).
+    assert cli.main(["tokenizer", "validate", "-c", "conf/tokenizer/tiny.yaml", *overrides,
+                     "--ckpt_path", checkpoint]) == 0
+
+
 def test_sigusr2_prints_the_stack_of_every_thread():
     # What the rehearsal sends a stage before killing it: the log then says where a run hung.
     code = ("import os, signal, time; from seed_lightning.cli import _dump_stacks_on_sigusr2; "

@@ -22,6 +22,11 @@ def load(name: str) -> dict:
     return yaml.safe_load((CONF / name).read_text())
 
 
+def model_args(config: dict) -> dict:
+    """The model's init args: under `init_args` where the YAML picks the class (the tokenizer's stages)."""
+    return config["model"].get("init_args", config["model"])
+
+
 def model_checkpoint(config: dict) -> dict:
     (callback,) = [c for c in config["trainer"]["callbacks"] if c["class_path"].endswith("ModelCheckpoint")]
     return callback["init_args"]
@@ -47,9 +52,19 @@ def extract_commands(name: str) -> list:
 @pytest.mark.parametrize("chain", sorted(CHAINS))
 def test_each_stage_reads_what_the_one_before_wrote(chain):
     stage1, stage2, mllm = (load(name) for name in CHAINS[chain])
-    assert stage2["model"]["init_from"] == f"{model_checkpoint(stage1)['dirpath']}/last.ckpt"
+    assert model_args(stage2)["init_from"] == f"{model_checkpoint(stage1)['dirpath']}/last.ckpt"
     assert model_checkpoint(stage1)["save_last"]
-    assert mllm["model"]["tokenizer"] == stage2["model"]["export_dir"]
+    assert mllm["model"]["tokenizer"] == model_args(stage2)["export_dir"]
+
+
+@pytest.mark.parametrize("chain", sorted(CHAINS))
+def test_the_tokenizer_configs_pick_the_contrastive_then_the_codebook_stage(chain):
+    from seed_lightning.tokenizer.codebook import CodebookModule
+    from seed_lightning.tokenizer.contrastive import ContrastiveModule
+
+    stage1, stage2, _ = (load(name) for name in CHAINS[chain])
+    for config, stage in ((stage1, ContrastiveModule), (stage2, CodebookModule)):
+        assert config["model"]["class_path"] == f"{stage.__module__}.{stage.__name__}"
 
 
 def test_the_paper_mllm_config_names_the_extract_commands_that_write_its_token_shards():
@@ -59,7 +74,7 @@ def test_the_paper_mllm_config_names_the_extract_commands_that_write_its_token_s
     image_shards = {"train": stage1["data"]["train"][0]["urls"], "val": stage1["data"]["val"]}
     token_shards = {"train": mllm["data"]["train"][0]["urls"], "val": mllm["data"]["val"]}
     for split, args in commands.items():
-        assert args.tokenizer == stage2["model"]["export_dir"]
+        assert args.tokenizer == model_args(stage2)["export_dir"]
         assert args.shards == image_shards[split]  # the images the tokenizer was trained and validated on
         # TokenShardWriter names its shards PREFIX-000000.tar, ... inside --out.
         assert fnmatch.fnmatch(f"{args.out}/{split}-000000.tar", token_shards[split]), (split, args.out)
@@ -85,4 +100,4 @@ def test_the_paper_configs_run_eager_under_ddp():
     # opt-in until a rehearsal shows it through.
     for name in CHAINS["paper"]:
         config = load(name)
-        assert not config["model"].get("compile", False), name
+        assert not model_args(config).get("compile", False), name

@@ -227,8 +227,8 @@ def plan(settings: Settings, notes: dict[str, list[str]]) -> list[Stage]:
     sizes, work, py = settings.sizes, settings.work, settings.python
     world = settings.devices
     stage1, stage2, mllm = load_layered(STAGE1_CONFIGS), load_layered(STAGE2_CONFIGS), load_layered(MLLM_CONFIGS)
-    stage1_ckpt = stage2["model"]["init_from"]
-    tokenizer = stage2["model"]["export_dir"]
+    stage1_ckpt = stage2["model"]["init_args"]["init_from"]
+    tokenizer = stage2["model"]["init_args"]["export_dir"]
     mllm_ckpt_dir = Path(_callback(mllm, "ModelCheckpoint")["init_args"]["dirpath"])
     mllm_export = Path(mllm["model"]["export_dir"])
     train_urls = rehearsal_data.train_shard_pattern(sizes.num_train)

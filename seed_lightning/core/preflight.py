@@ -273,10 +273,18 @@ def preflight_config(config: Any, model_class: type, datamodule_class: type, sta
                   num_nodes=trainer.num_nodes)
     callbacks = trainer.callbacks or []
     callbacks = callbacks if isinstance(callbacks, list) else [callbacks]
-    parts = [(model_class, _plain(config.model)), (datamodule_class, _plain(config.data))]
-    # A callback whose class takes no arguments is parsed without `init_args`.
-    parts += [(callback.class_path, _plain(getattr(callback, "init_args", None)) or {}) for callback in callbacks]
+    parts = [_class_and_init_args(config.model, model_class), (datamodule_class, _plain(config.data))]
+    parts += [_class_and_init_args(callback) for callback in callbacks]
     check_requirements(parts, stage)
+
+
+def _class_and_init_args(value: Any, default_class: type | None = None) -> tuple[type | str, dict[str, Any]]:
+    """(class or class path, init args) of a parsed config value: a `class_path` object (a callback; a model whose
+    subclass the YAML picks) or the init args of `default_class`."""
+    if "class_path" not in value:
+        return default_class, _plain(value)
+    # A class that takes no arguments is parsed without `init_args`.
+    return value.class_path, _plain(getattr(value, "init_args", None)) or {}
 
 
 def parser_keys(parser: Any) -> list[str]:

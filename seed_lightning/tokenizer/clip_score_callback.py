@@ -2,9 +2,9 @@
 
 - MLLM module (has ``.mllm`` and ``.seed_tokenizer``): text-to-image from val captions
   (``mllm.generate_image_codes`` -> ``seed_tokenizer.decode`` -> Stable Diffusion) -> val/clip_score.
-- TokenizerModule in stage "codebook" (has ``.tokenizer``): every val image regenerated from its own
-  32 codes -> val/recon_clip_similarity (image-image, the paper's reconstruction metric) and
-  val/recon_clip_score (regenerated image vs its caption). Nothing in stage "contrastive": the
+- the tokenizer's CodebookModule (has ``.tokenizer`` and ``trains_codebook``): every val image regenerated from
+  its own 32 codes -> val/recon_clip_similarity (image-image, the paper's reconstruction metric) and
+  val/recon_clip_score (regenerated image vs its caption). Nothing in stage 1 (ContrastiveModule): the
   codebook and generation head are not trained yet.
 
 Both in torchmetrics' CLIPScore convention (100 x mean cosine, clamped at 0), with one CLIP model
@@ -110,7 +110,7 @@ class CLIPScoreCallback(IndexedValidationCallback):
             )
 
     def active(self, trainer: L.Trainer, pl_module: L.LightningModule) -> bool:
-        generates = hasattr(pl_module, "mllm") or getattr(pl_module, "stage", None) == "codebook"
+        generates = hasattr(pl_module, "mllm") or getattr(pl_module, "trains_codebook", False)
         return generates and evaluates_now(trainer, self.every_n_epochs)
 
     def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

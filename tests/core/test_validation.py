@@ -15,7 +15,7 @@ from seed_lightning.mllm import extract
 from seed_lightning.mllm.model import MultimodalLMConfig
 from seed_lightning.mllm.module import MLLMModule
 from seed_lightning.tokenizer.model import SeedTokenizer
-from seed_lightning.tokenizer.module import TokenizerModule
+from seed_lightning.tokenizer.codebook import CodebookModule
 from tests.cli_runs import CLIP_SCORE_CALLBACK, REPO, assert_same_evaluation, evaluate, mllm_overlay, val_images
 from tests.mllm.test_extract import save_tokenizer
 
@@ -44,8 +44,8 @@ def checkpoints(default_world, tmp_path_factory):
     torch.manual_seed(0)
     mllm = MLLMModule(model=MultimodalLMConfig(pretrained=str(MODELS / "tiny-opt"), num_visual_codes=NUM_CODES,
                                                lora=None), tokenizer=tokenizer)
-    codebook = TokenizerModule(model=SeedTokenizer.load(tokenizer).config, stage="codebook", init_from=tokenizer,
-                               text_tokenizer=str(MODELS / "bert-tokenizer"), generation_target=str(MODELS / "tiny-sd"))
+    codebook = CodebookModule(model=SeedTokenizer.load(tokenizer).config, init_from=tokenizer,
+                              text_tokenizer=str(MODELS / "bert-tokenizer"), generation_target=str(MODELS / "tiny-sd"))
     (directory / "mllm.yaml").write_text(mllm_overlay(tokenizer, directory / "tokens", NUM_CODES, val_batch_size=4))
     (directory / "codebook.yaml").write_text(f"""
 trainer:

@@ -67,10 +67,10 @@ class MLLMStandIn(L.LightningModule):
 
 
 class TokenizerStandIn(L.LightningModule):
-    def __init__(self, stage):
+    def __init__(self, trains_codebook: bool):
         super().__init__()
         self.tokenizer = FakeSeedTokenizer()
-        self.stage = stage
+        self.trains_codebook = trains_codebook  # as the stage modules declare it: CodebookModule True
 
     def validation_step(self, batch, batch_idx):
         return None
@@ -129,7 +129,7 @@ def test_text_to_image_clip_score_equals_100_max_cos(tmp_path, model_dirs):
 def test_reconstruction_similarity_uses_original_images(tmp_path, model_dirs):
     sd_dir, clip_dir = model_dirs
     callback = CLIPScoreCallback(clip_model=str(clip_dir), sd_path=str(sd_dir), num_images=4, num_inference_steps=2)
-    module = TokenizerStandIn("codebook")
+    module = TokenizerStandIn(trains_codebook=True)
     results = validate(tmp_path, module, callback, image_batch([0, 1]), image_batch([2, 3]))
 
     batch = image_batch([0, 1, 2, 3])
@@ -148,5 +148,5 @@ def test_reconstruction_similarity_uses_original_images(tmp_path, model_dirs):
 def test_contrastive_stage_generates_nothing(tmp_path, model_dirs):
     sd_dir, clip_dir = model_dirs
     callback = CLIPScoreCallback(clip_model=str(clip_dir), sd_path=str(sd_dir), num_images=4, num_inference_steps=2)
-    results = validate(tmp_path, TokenizerStandIn("contrastive"), callback, image_batch([0, 1]))
+    results = validate(tmp_path, TokenizerStandIn(trains_codebook=False), callback, image_batch([0, 1]))
     assert not any(name.startswith("val/recon") for name in results)

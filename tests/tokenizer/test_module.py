@@ -1,4 +1,5 @@
-from pathlib import Path
+"""What both tokenizer stages share (TokenizerModule): frozen dtype, FP8, compilation, exact resume, checkpoints.
+The helpers here build the tiny stage modules for test_contrastive.py and test_codebook.py too."""
 
 import lightning as L
 import pytest
@@ -9,10 +10,14 @@ from seed_lightning.core.data.datamodule import ShardDataModule, ShardSource
 from seed_lightning.core.errors import ConfigError
 from seed_lightning.core.optim import OptimConfig
 from seed_lightning.tokenizer.causal_qformer import CausalQFormerConfig
+from seed_lightning.tokenizer.codebook import CodebookModule
+from seed_lightning.tokenizer.contrastive import ContrastiveModule
 from seed_lightning.tokenizer.heads import GenerationHeadConfig, ReconstructionHeadConfig
 from seed_lightning.tokenizer.model import SeedTokenizerConfig
 from seed_lightning.tokenizer.module import TokenizerModule
 from seed_lightning.tokenizer.vision import VisionEncoderConfig
+
+STAGES = [ContrastiveModule, CodebookModule]
 
 
 def tiny_config(world, vision_trainable=False) -> SeedTokenizerConfig:
@@ -27,16 +32,18 @@ def tiny_config(world, vision_trainable=False) -> SeedTokenizerConfig:
     )
 
 
-def make_module(world, stage="contrastive", **kwargs) -> TokenizerModule:
-    module = TokenizerModule(
+def make_module(world, stage: type[TokenizerModule] = ContrastiveModule, **kwargs) -> TokenizerModule:
+    """The tiny `stage` module; stage 2's L_gen target is the tiny SD unless `generation_target` says otherwise
+    (stage 1 ignores it)."""
+    generation_target = kwargs.pop("generation_target", str(world.models / "tiny-sd"))
+    if stage is CodebookModule:
+        kwargs["generation_target"] = generation_target
+    return stage(
         model=tiny_config(world, kwargs.pop("vision_trainable", False)),
         text_tokenizer=str(world.models / "bert-tokenizer"),
-        stage=stage,
-        generation_target=str(world.models / "tiny-sd"),
         optim=OptimConfig(lr=1e-3, min_lr=1e-4, warmup_steps=1),
         **kwargs,
     )
-    return module
 
 
 def outside_fit(module: TokenizerModule) -> TokenizerModule:
@@ -76,146 +83,111 @@ def trainer(tmp_path, **kwargs) -> L.Trainer:
     )
 
 
-def test_contrastive_stage_trains_the_qformer_side_only(default_world, tmp_path):
-    module = make_module(default_world)
-    module.trainer = trainer(tmp_path, max_steps=1)
-    tok = module.tokenizer
-    in_optimizer = optimizer_params(module)
-    assert {id(p) for p in tok.qformer.parameters()} <= in_optimizer
-    assert id(module.temperature) in in_optimizer
-    assert {id(p) for p in tok.vision.ln_vision.parameters()} <= in_optimizer
-    frozen = [tok.quantizer, tok.encode_task_layer, tok.recon_head, tok.gen_head]
-    trunk = [p for n, p in tok.vision.named_parameters() if "post_layernorm" not in n]
-    for p in [p for m in frozen for p in m.parameters()] + trunk:
-        assert id(p) not in in_optimizer and not p.requires_grad
-
-    loss = outside_fit(module).training_step(one_batch(default_world), 0)
-    loss.backward()
-    assert all(p.grad is None for p in trunk)
-    assert tok.qformer.query_tokens.grad is not None and tok.qformer.query_tokens.grad.abs().sum() > 0
-    assert module.temperature.grad is not None
+def fit_briefly(world, module: TokenizerModule, tmp_path) -> L.Trainer:
+    """Two training steps, then validation on 8 val images; returns the trainer (its metrics, its optimiser)."""
+    fit = trainer(tmp_path, max_steps=2, limit_val_batches=1, num_sanity_val_steps=0)
+    fit.fit(module, datamodule=make_data(world, batch_size=4, samples=8, val_batch_size=8))
+    return fit
 
 
-def test_codebook_stage_freezes_the_encoders_and_trains_codebook_and_heads(default_world, tmp_path):
-    module = make_module(default_world, stage="codebook", cache_embeddings=False)
-    module.trainer = trainer(tmp_path, max_steps=1)
-    tok = module.tokenizer
-    in_optimizer = optimizer_params(module)
-    frozen = list(tok.vision.parameters()) + list(tok.qformer.parameters()) + [module.temperature]
-    assert not {id(p) for p in frozen} & in_optimizer
-    trainable = [tok.encode_task_layer, tok.quantizer, tok.decode_task_layer, tok.recon_head, tok.gen_head]
-    assert {id(p) for m in trainable for p in m.parameters()} <= in_optimizer
-
-    module.train()
-    assert not tok.vision.training and not tok.qformer.training
-    loss = outside_fit(module).training_step(one_batch(default_world), 0)
-    loss.backward()
-    assert all(p.grad is None for p in frozen)
-    assert tok.encode_task_layer[0].weight.grad.abs().sum() > 0  # straight-through reaches the encoder side
-    assert all(p.grad is not None for p in tok.gen_head.parameters() if p.requires_grad)
-    assert tok.quantizer.embedding.weight.grad.abs().sum() > 0
+def assert_optimizer_state_only_for(fit: L.Trainer, trained: list[torch.nn.Parameter]) -> None:
+    """After real steps, AdamW holds state for exactly the `trained` parameters, and each of them moved."""
+    (optimizer,) = fit.optimizers
+    assert {id(p) for p in optimizer.state} == {id(p) for p in trained}
+    assert all(int(optimizer.state[p]["step"]) == 2 for p in trained)
 
 
-def test_a_saved_tokenizer_as_init_from_trains_with_dropout_on(default_world, tmp_path):
-    make_module(default_world).tokenizer.save(tmp_path / "stage1")
-    tok = make_module(default_world, stage="codebook", init_from=str(tmp_path / "stage1")).tokenizer
-    assert tok.gen_head.training and tok.recon_head.training, "Lightning's fit does not call train() itself"
-    assert not tok.qformer.training and not tok.vision.model.training  # frozen in stage 2
+def save_checkpoint(module: TokenizerModule, path) -> str:
+    fit = trainer(path.parent, max_epochs=0)
+    fit.strategy.connect(module)
+    fit.save_checkpoint(path)
+    return str(path)
+
+
+def test_the_base_is_not_a_stage(default_world):
+    with pytest.raises(ConfigError, match="model.class_path: choose a stage.*ContrastiveModule.*CodebookModule"):
+        make_module(default_world, TokenizerModule)
 
 
 @pytest.mark.slow
-def test_a_stage_1_lightning_checkpoint_as_init_from_loads_as_plain_data(default_world, tmp_path):
-    stage1 = make_module(default_world)
-    fit = trainer(tmp_path, max_steps=1, limit_val_batches=0, callbacks=resume_callbacks(tmp_path, None))
-    fit.fit(stage1, datamodule=make_data(default_world, batch_size=4, samples=4))
-    tok = make_module(default_world, stage="codebook", init_from=str(tmp_path / "ckpt" / "last.ckpt")).tokenizer
-    trained = stage1.tokenizer.state_dict()
-    assert all(torch.equal(value, trained[name]) for name, value in tok.qformer.state_dict(prefix="qformer.").items())
-
-
-class RunsOnUnpickling:
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (Path.touch, (self.marker,))
-
-
-def test_an_init_from_checkpoint_with_pickled_objects_is_refused_unrun(default_world, tmp_path):
-    marker = tmp_path / "ran"
-    torch.save({"state_dict": {}, "callbacks": RunsOnUnpickling(marker)}, tmp_path / "foreign.ckpt")
-    with pytest.raises(ConfigError, match="model.init_from: .*foreign.ckpt holds pickled objects") as error:
-        make_module(default_world, stage="codebook", init_from=str(tmp_path / "foreign.ckpt"))
-    assert len(str(error.value).splitlines()) == 1
-    assert not marker.exists(), "nothing in an untrusted checkpoint runs"
-
-
-def test_codebook_stage_caches_causal_embeddings(default_world, tmp_path):
-    module = make_module(default_world, stage="codebook", cache_dir=str(tmp_path / "cache"))
-    fit = trainer(tmp_path, max_epochs=2, limit_val_batches=0)
-    fit.fit(module, datamodule=make_data(default_world, samples=16))
-    cached = module._cache
-    assert len(cached) > 0
-    batch = one_batch(default_world)
-    qualified = [f"{url}#{key}" for url, key in zip(batch["url"], batch["key"])]
-    keys = [k for k in qualified if k in cached]
-    assert keys == qualified, "a fresh stream's first batch is the first epoch's: all cached"
-    with torch.no_grad():
-        fresh = module.tokenizer.causal_embeddings(batch["pixel_values"])
-    assert torch.allclose(cached.get(keys).float(), fresh, atol=2e-3)
-
-    # A cached training batch travels to the device without its pixels; the encoders are not run.
-    fit.training = True
-    moved = module.transfer_batch_to_device(batch, torch.device("cpu"), 0)
-    assert "pixel_values" not in moved and moved["causal_embeds"].shape == fresh.shape
-    module.tokenizer.vision.forward = None  # would raise if called
-    assert torch.allclose(module._causal_embeddings(moved), fresh, atol=2e-3)
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("stage", ["contrastive", "codebook"])
+@pytest.mark.parametrize("stage", STAGES)
 def test_interrupted_and_resumed_fit_reproduces_the_uninterrupted_losses(default_world, tmp_path, stage):
     def run(root, crash_at=None, ckpt_path=None):
         L.seed_everything(0)
         fit = trainer(root, max_steps=5, limit_val_batches=0, callbacks=resume_callbacks(root, crash_at))
-        module = make_module(default_world, stage=stage, cache_embeddings=False)
+        module = make_module(default_world, stage, **({"cache_embeddings": False} if stage is CodebookModule else {}))
         data = make_data(default_world, batch_size=4, samples=12)  # 3 batches an epoch: the crash is mid-epoch
         return fit_recording(fit, lambda t: t.fit(module, datamodule=data, ckpt_path=ckpt_path))
 
     assert_resume_reproduces(run, tmp_path)
 
 
-def test_data_init_spreads_the_first_batch_over_many_codes(default_world, tmp_path):
-    batch = one_batch(default_world, batch_size=8)
-    used = {}
-    for init in ("uniform", "data"):
-        torch.manual_seed(0)
-        module = outside_fit(make_module(default_world, stage="codebook", cache_embeddings=False, codebook_init=init))
-        module.trainer = trainer(tmp_path, max_steps=1)
-        assert bool(module.codebook_initialized) == (init == "uniform")
-        module.on_train_start()  # the Trainer's order: the flag is read once, then the steps run
-        module.training_step(batch, 0)
-        assert bool(module.codebook_initialized)
-        with torch.no_grad():
-            codes = module.tokenizer.encode(batch["pixel_values"])
-        used[init] = len(codes.unique())
-    assert used["data"] >= 2 * used["uniform"]
-    # The flag travels in the state dict, so a resumed run keeps its trained codebook.
-    assert "codebook_initialized" in module.state_dict()
+def old_checkpoint(world, tmp_path, stage: type[TokenizerModule]) -> str:
+    """A checkpoint as the single TokenizerModule of earlier versions wrote it: hyperparameters with `stage` and
+    both stages' arguments, no class path; the temperature and the codebook flag in every state dict."""
+    module = make_module(world, stage, generation_target=None)
+    path = save_checkpoint(module, tmp_path / f"old-{stage.__name__}.ckpt")
+    checkpoint = torch.load(path, weights_only=True)
+    hyper_parameters = {k: v for k, v in checkpoint["hyper_parameters"].items() if not k.startswith("_")}
+    name = "contrastive" if stage is ContrastiveModule else "codebook"
+    checkpoint["hyper_parameters"] = {"temperature": 0.07, "label_smoothing": 0.1, "vq_weight": 5.0,
+                                      **hyper_parameters, "stage": name}
+    checkpoint["state_dict"]["tokenizer.qformer.query_tokens"] += 1  # trained weights, unlike a fresh module's
+    checkpoint["state_dict"].setdefault("temperature", torch.tensor(0.07))
+    checkpoint["state_dict"].setdefault("codebook_initialized", torch.tensor(True))
+    torch.save(checkpoint, path)
+    return path
 
 
-def prepared(world, tmp_path, precision: str, stage: str = "contrastive", **kwargs) -> TokenizerModule:
+@pytest.mark.parametrize("stage", STAGES)
+def test_a_checkpoint_of_the_single_module_of_earlier_versions_fails_in_one_line_naming_the_class(
+        default_world, tmp_path, stage):
+    path = old_checkpoint(default_world, tmp_path, stage)
+    module = make_module(default_world, stage, generation_target=None)
+    named = rf"single TokenizerModule.*model.class_path {stage.__module__}.{stage.__name__} with model.init_from"
+    with pytest.raises(ConfigError, match=named) as error:
+        trainer(tmp_path, limit_val_batches=1).validate(module, make_data(default_world), ckpt_path=path)
+    assert "\n" not in str(error.value)
+    # What the line proposes works: its weights start a module of the class it names.
+    started = make_module(default_world, stage, init_from=path, generation_target=None)
+    saved = torch.load(path, weights_only=True)["state_dict"]["tokenizer.qformer.query_tokens"]
+    assert torch.equal(started.tokenizer.qformer.query_tokens, saved)
+    assert not torch.equal(module.tokenizer.qformer.query_tokens, saved)
+
+
+def test_a_checkpoint_of_the_other_stage_fails_in_one_line(default_world, tmp_path):
+    path = save_checkpoint(make_module(default_world, ContrastiveModule), tmp_path / "stage1.ckpt")
+    module = make_module(default_world, CodebookModule, cache_embeddings=False, generation_target=None)
+    with pytest.raises(ConfigError, match="holds a ContrastiveModule, but the config builds a CodebookModule"):
+        trainer(tmp_path, limit_val_batches=1).validate(module, make_data(default_world), ckpt_path=path)
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_a_stage_checkpoint_loads_back_into_its_class(default_world, tmp_path, stage):
+    module = make_module(default_world, stage, export_dir=str(tmp_path / "export"), generation_target=None)
+    with torch.no_grad():
+        module.tokenizer.qformer.query_tokens += 1  # trained weights, unlike a fresh module's
+    loaded = stage.load_from_checkpoint(save_checkpoint(module, tmp_path / "stage.ckpt"))
+    assert type(loaded) is stage and loaded.hparams.export_dir == str(tmp_path / "export")
+    assert torch.equal(loaded.tokenizer.qformer.query_tokens, module.tokenizer.qformer.query_tokens)
+
+
+def prepared(world, tmp_path, precision: str, stage: type[TokenizerModule] = ContrastiveModule,
+             **kwargs) -> TokenizerModule:
     """A module after the Trainer's `setup` hook (frozen dtype, FP8, compilation), not yet fitted."""
-    module = make_module(world, stage=stage, cache_embeddings=False, **kwargs)
+    if stage is CodebookModule:
+        kwargs["cache_embeddings"] = False
+    module = make_module(world, stage, **kwargs)
     module.trainer = trainer(tmp_path, max_steps=1, precision=precision)
     module.setup("fit")
     return module
 
 
-@pytest.mark.parametrize("stage", ["contrastive", "codebook"])
+@pytest.mark.parametrize("stage", STAGES)
 def test_frozen_parts_are_held_in_bf16_under_bf16_precision_and_trained_parts_stay_fp32(default_world, tmp_path, stage):
     module = prepared(default_world, tmp_path, "bf16-mixed", stage)
-    frozen_prefixes = ("tokenizer.vision", "tokenizer.qformer") if stage == "codebook" else (
+    codebook = stage is CodebookModule
+    frozen_prefixes = ("tokenizer.vision", "tokenizer.qformer") if codebook else (
         "tokenizer.vision.model.embeddings", "tokenizer.vision.model.encoder")
     in_optimizer = optimizer_params(module)
     for name, parameter in module.named_parameters():
@@ -224,21 +196,21 @@ def test_frozen_parts_are_held_in_bf16_under_bf16_precision_and_trained_parts_st
         elif name.startswith(frozen_prefixes):
             assert parameter.dtype == torch.bfloat16 and not parameter.requires_grad, name
     ln_vision = module.tokenizer.vision.ln_vision.weight
-    assert ln_vision.dtype == (torch.bfloat16 if stage == "codebook" else torch.float32)
+    assert ln_vision.dtype == (torch.bfloat16 if codebook else torch.float32)
     module.on_train_start()
     batch = one_batch(default_world)
     with torch.autocast("cpu", torch.bfloat16):
         loss = outside_fit(module).training_step(batch, 0)
     loss.backward()
     assert torch.isfinite(loss)
-    trained = module.tokenizer.qformer.query_tokens if stage == "contrastive" else module.tokenizer.recon_head.pos_embed
+    trained = module.tokenizer.recon_head.pos_embed if codebook else module.tokenizer.qformer.query_tokens
     assert trained.grad is not None and trained.grad.abs().sum() > 0
-    if stage == "contrastive":
+    if not codebook:
         assert ln_vision.grad is not None and ln_vision.grad.abs().sum() > 0
 
 
 def test_fp32_precision_keeps_every_weight_fp32(default_world, tmp_path):
-    module = prepared(default_world, tmp_path, "32-true", "codebook")
+    module = prepared(default_world, tmp_path, "32-true", CodebookModule)
     assert {p.dtype for p in module.parameters()} == {torch.float32}
 
 
@@ -312,8 +284,6 @@ def test_vision_fp8_needs_bf16_frozen_weights(default_world, tmp_path, fake_torc
 
 
 def test_vision_fp8_needs_a_frozen_vit(default_world, tmp_path):
-    from seed_lightning.core.errors import ConfigError
-
     with pytest.raises(ConfigError, match="frozen ViT"):
         prepared(default_world, tmp_path, "32-true", vision_fp8=True, vision_trainable=True)
 
@@ -322,8 +292,8 @@ def test_compile_compiles_the_frozen_trunk_and_in_stage_2_the_trained_parts(defa
     contrastive = prepared(default_world, tmp_path, "32-true", compile=True)
     assert contrastive.tokenizer.vision.model.encoder._compiled_call_impl is not None
     assert contrastive.tokenizer.qformer._compiled_call_impl is None
-    codebook = prepared(default_world, tmp_path, "32-true", "codebook", compile=True)
-    for part in codebook._stage2_trained_parts():
+    codebook = prepared(default_world, tmp_path, "32-true", CodebookModule, compile=True)
+    for part in codebook._trained_parts():
         assert part._compiled_call_impl is not None
     codebook.setup("validate")  # a second setup (fit, then validate) changes nothing
     assert codebook.tokenizer.vision.model.encoder._compiled_call_impl is not None

@@ -1,0 +1,136 @@
+"""CodebookModule (stage 2): what trains, what stays frozen, its start from stage 1, its cache, what it logs."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from seed_lightning.core.errors import ConfigError
+from seed_lightning.tokenizer.codebook import CodebookModule
+from tests.tokenizer.test_module import (
+    assert_optimizer_state_only_for,
+    fit_briefly,
+    make_data,
+    make_module,
+    one_batch,
+    optimizer_params,
+    outside_fit,
+    save_checkpoint,
+    trainer,
+)
+
+
+def test_codebook_stage_freezes_the_encoders_and_trains_codebook_and_heads(default_world, tmp_path):
+    module = make_module(default_world, CodebookModule, cache_embeddings=False)
+    module.trainer = trainer(tmp_path, max_steps=1)
+    tok = module.tokenizer
+    in_optimizer = optimizer_params(module)
+    frozen = list(tok.vision.parameters()) + list(tok.qformer.parameters())
+    assert not {id(p) for p in frozen} & in_optimizer
+    assert not {id(p) for p in module.generation_target.parameters()} & in_optimizer
+    trainable = [tok.encode_task_layer, tok.quantizer, tok.decode_task_layer, tok.recon_head, tok.gen_head]
+    assert {id(p) for m in trainable for p in m.parameters()} <= in_optimizer
+
+    module.train()
+    assert not tok.vision.training and not tok.qformer.training
+    loss = outside_fit(module).training_step(one_batch(default_world), 0)
+    loss.backward()
+    assert all(p.grad is None for p in frozen)
+    assert tok.encode_task_layer[0].weight.grad.abs().sum() > 0  # straight-through reaches the encoder side
+    assert all(p.grad is not None for p in tok.gen_head.parameters() if p.requires_grad)
+    assert tok.quantizer.embedding.weight.grad.abs().sum() > 0
+
+
+def test_a_saved_tokenizer_as_init_from_trains_with_dropout_on(default_world, tmp_path):
+    make_module(default_world).tokenizer.save(tmp_path / "stage1")
+    tok = make_module(default_world, CodebookModule, init_from=str(tmp_path / "stage1")).tokenizer
+    assert tok.gen_head.training and tok.recon_head.training, "Lightning's fit does not call train() itself"
+    assert not tok.qformer.training and not tok.vision.model.training  # frozen in stage 2
+
+
+def test_stage_2_starts_from_a_stage_1_checkpoint(default_world, tmp_path):
+    stage1 = make_module(default_world)
+    with torch.no_grad():  # as stage 1's training leaves them: unlike the pretrained start
+        stage1.tokenizer.qformer.query_tokens += 1
+        stage1.tokenizer.vision.ln_vision.weight += 1
+    path = save_checkpoint(stage1, tmp_path / "last.ckpt")
+    module = make_module(default_world, CodebookModule, init_from=path, cache_embeddings=False)
+    for name in ("qformer", "vision"):
+        trained = getattr(stage1.tokenizer, name).state_dict()
+        started = getattr(module.tokenizer, name).state_dict()
+        assert all(torch.equal(trained[key], value) for key, value in started.items()), name
+    pretrained = make_module(default_world).tokenizer.qformer.query_tokens
+    assert not torch.equal(module.tokenizer.qformer.query_tokens, pretrained)
+    module.trainer = trainer(tmp_path, max_steps=1)
+    assert torch.isfinite(outside_fit(module).training_step(one_batch(default_world), 0))
+
+
+def test_codebook_stage_caches_causal_embeddings(default_world, tmp_path):
+    module = make_module(default_world, CodebookModule, cache_dir=str(tmp_path / "cache"))
+    fit = trainer(tmp_path, max_epochs=2, limit_val_batches=0)
+    fit.fit(module, datamodule=make_data(default_world, samples=16))
+    cached = module._cache
+    assert len(cached) > 0
+    batch = one_batch(default_world)
+    qualified = [f"{url}#{key}" for url, key in zip(batch["url"], batch["key"])]
+    keys = [k for k in qualified if k in cached]
+    assert keys == qualified, "a fresh stream's first batch is the first epoch's: all cached"
+    with torch.no_grad():
+        fresh = module.tokenizer.causal_embeddings(batch["pixel_values"])
+    assert torch.allclose(cached.get(keys).float(), fresh, atol=2e-3)
+
+    # A cached training batch travels to the device without its pixels; the encoders are not run.
+    fit.training = True
+    moved = module.transfer_batch_to_device(batch, torch.device("cpu"), 0)
+    assert "pixel_values" not in moved and moved["causal_embeds"].shape == fresh.shape
+    module.tokenizer.vision.forward = None  # would raise if called
+    assert torch.allclose(module._causal_embeddings(moved), fresh, atol=2e-3)
+
+
+def test_data_init_spreads_the_first_batch_over_many_codes(default_world, tmp_path):
+    batch = one_batch(default_world, batch_size=8)
+    used = {}
+    for init in ("uniform", "data"):
+        torch.manual_seed(0)
+        module = outside_fit(make_module(default_world, CodebookModule, cache_embeddings=False, codebook_init=init))
+        module.trainer = trainer(tmp_path, max_steps=1)
+        assert bool(module.codebook_initialized) == (init == "uniform")
+        module.on_train_start()  # the Trainer's order: the flag is read once, then the steps run
+        module.training_step(batch, 0)
+        assert bool(module.codebook_initialized)
+        with torch.no_grad():
+            codes = module.tokenizer.encode(batch["pixel_values"])
+        used[init] = len(codes.unique())
+    assert used["data"] >= 2 * used["uniform"]
+    # The flag travels in the state dict, so a resumed run keeps its trained codebook.
+    assert "codebook_initialized" in module.state_dict()
+
+
+@pytest.mark.slow
+def test_fit_logs_the_three_losses_codebook_usage_and_retrieval_and_steps_only_the_trained_parameters(
+        default_world, tmp_path):
+    module = make_module(default_world, CodebookModule, cache_embeddings=False, export_dir=str(tmp_path / "export"))
+    fit = fit_briefly(default_world, module, tmp_path)
+    losses = {f"{split}/{name}" for split in ("train", "val") for name in ("loss", "vq", "recon", "gen")}
+    usage = {"train/codebook_perplexity", "val/codebook_perplexity", "val/codebook_used_fraction"}
+    assert losses | usage | {"val/i2t_R@1", "val/t2i_R@1"} <= set(fit.logged_metrics)
+    assert "train/temperature" not in fit.logged_metrics
+    assert_optimizer_state_only_for(fit, [p for m in module._trained_parts() for p in m.parameters()])
+    assert (tmp_path / "export" / "config.json").is_file(), "the tokenizer is exported at the end of fit"
+
+
+class RunsOnUnpickling:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_an_init_from_checkpoint_with_pickled_objects_is_refused_unrun(default_world, tmp_path):
+    marker = tmp_path / "ran"
+    torch.save({"state_dict": {}, "callbacks": RunsOnUnpickling(marker)}, tmp_path / "foreign.ckpt")
+    with pytest.raises(ConfigError, match="model.init_from: .*foreign.ckpt holds pickled objects") as error:
+        make_module(default_world, CodebookModule, init_from=str(tmp_path / "foreign.ckpt"))
+    assert len(str(error.value).splitlines()) == 1
+    assert not marker.exists(), "nothing in an untrusted checkpoint runs"
