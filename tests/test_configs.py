@@ -1,7 +1,12 @@
 """The model configs in conf/ chain into each other as the README runs them: stage 1 -> stage 2 ->
-extract-tokens -> MLLM, each reading what the one before wrote, with no path to override."""
+extract-tokens -> MLLM, each reading what the one before wrote, with no path to override; and each run's
+effective settings (config files, CLI defaults and derived values together) are the recorded ones."""
 
+import contextlib
 import fnmatch
+import io
+import json
+import os
 import re
 import shlex
 from pathlib import Path
@@ -12,6 +17,20 @@ import yaml
 from seed_lightning.mllm.extract import build_parser
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
+EFFECTIVE = Path(__file__).resolve().parent / "effective_configs"
+"""The recorded effective config of each run in RUNS, as `effective` shows it (one YAML file per run)."""
+RUNS = {  # name: (command, subcommand, config files layered in this order)
+    "tokenizer-tiny": ("tokenizer", "fit", ["tokenizer/tiny.yaml"]),
+    "tokenizer-tiny-codebook": ("tokenizer", "fit", ["tokenizer/tiny.yaml", "tokenizer/tiny-codebook.yaml"]),
+    "tokenizer-tiny-codebook-validate": ("tokenizer", "validate", ["tokenizer/tiny.yaml", "tokenizer/tiny-codebook.yaml"]),
+    "tokenizer-tiny-cpu": ("tokenizer", "fit", ["tokenizer/tiny.yaml", "trainer/cpu.yaml"]),
+    "tokenizer-seed_v1": ("tokenizer", "fit", ["tokenizer/seed_v1.yaml"]),
+    "tokenizer-seed_v1-codebook": ("tokenizer", "fit", ["tokenizer/seed_v1.yaml", "tokenizer/seed_v1-codebook.yaml"]),
+    "tokenizer-seed_v1-ddp": ("tokenizer", "fit", ["tokenizer/seed_v1.yaml", "trainer/ddp.yaml"]),
+    "mllm-tiny": ("mllm", "fit", ["mllm/tiny.yaml"]),
+    "mllm-seed_opt2.7b": ("mllm", "fit", ["mllm/seed_opt2.7b.yaml"]),
+    "mllm-seed_opt2.7b-fsdp": ("mllm", "fit", ["mllm/seed_opt2.7b.yaml", "trainer/fsdp.yaml"]),
+}
 CHAINS = {  # (stage 1, stage 2 on top of it, the MLLM on the stage-2 export)
     "paper": ("tokenizer/seed_v1.yaml", "tokenizer/seed_v1-codebook.yaml", "mllm/seed_opt2.7b.yaml"),
     "tiny": ("tokenizer/tiny.yaml", "tokenizer/tiny-codebook.yaml", "mllm/tiny.yaml"),
@@ -86,3 +105,47 @@ def test_the_paper_configs_run_eager_under_ddp():
     for name in CHAINS["paper"]:
         config = load(name)
         assert not config["model"].get("compile", False), name
+
+
+def parsed_config(command: str, subcommand: str, files: list[str]) -> dict:
+    """The config `seed-lightning COMMAND SUBCOMMAND -c FILE...` runs with, as `--print_config` prints it."""
+    from seed_lightning import cli
+
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed), contextlib.suppress(SystemExit):
+        cli.main([command, subcommand, *(f"--config={CONF / name}" for name in files), "--print_config"])
+    return yaml.safe_load(printed.getvalue())
+
+
+def effective(config: dict) -> dict:
+    """`config` in a form where two configs are equal when their runs use the same settings: the order of the
+    callbacks and plugins does not matter (Lightning orders callbacks itself), and a logger is known by where it
+    writes (save_dir / name / version / sub_dir joined) rather than by how that path is split."""
+    config = json.loads(json.dumps(config))
+    trainer = config["trainer"]
+    for key in ("callbacks", "plugins"):
+        trainer[key] = sorted(trainer.get(key) or [], key=lambda spec: json.dumps(spec, sort_keys=True))
+    logger = trainer.get("logger")
+    if isinstance(logger, dict):
+        init = logger["init_args"]
+        parts = [init.pop(key, None) for key in ("save_dir", "name", "version", "sub_dir")]
+        init["log_dir"] = os.path.normpath(os.path.join(*(str(part) for part in parts if part not in (None, ""))))
+    return config
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("run", sorted(RUNS))
+def test_each_run_has_its_recorded_effective_config(run):
+    # A change here is a change of what a documented command does: when it is meant, record it again with
+    # `SEED_RECORD_CONFIGS=1 pytest tests/test_configs.py -k effective` and review the diff of tests/effective_configs/.
+    config = effective(parsed_config(*RUNS[run]))
+    recorded = EFFECTIVE / f"{run}.yaml"
+    if os.environ.get("SEED_RECORD_CONFIGS"):
+        recorded.parent.mkdir(exist_ok=True)
+        recorded.write_text(yaml.safe_dump(config, sort_keys=True))
+    assert config == yaml.safe_load(recorded.read_text())
+
+
+def test_every_config_file_is_in_a_recorded_run():
+    named = {name for _, _, files in RUNS.values() for name in files}
+    assert {str(path.relative_to(CONF)) for path in CONF.rglob("*.yaml")} == named
