@@ -1,4 +1,4 @@
-"""Run the real commands (`seed-lightning`, `seed_lightning.evaluate`, torchrun) in subprocesses, as users do,
+"""Run the real commands (`seed-lightning`, torchrun) in subprocesses, as users do,
 on one process or on several CPU processes (DDP over gloo), and compare what two evaluations report."""
 
 import json
@@ -17,7 +17,6 @@ from seed_lightning.core.data.shards import iter_tar_samples
 
 REPO = Path(__file__).resolve().parents[1]
 CLI = [sys.executable, "-m", "seed_lightning.cli"]
-EVALUATE = [sys.executable, "-m", "seed_lightning.evaluate"]
 DATA_STREAM_WARNING = "data stream does not match"
 """ShardDataModule's complaint on restoring a train stream of another configuration (never in an evaluation)."""
 
@@ -70,10 +69,10 @@ def run_ok(command: Sequence[str], log: Path, timeout: float = 300, devices: int
 
 def evaluate(kind: str, ckpt: Path, configs: Sequence[Path | str], out_dir: Path, devices: int,
              threads: int | None = None, timeout: float = 300) -> dict[str, float]:
-    """`python -m seed_lightning.evaluate KIND` on `devices` processes (see `run_ok`); results, result files and log
+    """`seed-lightning KIND evaluate` on `devices` processes (see `run_ok`); results, result files and log
     in `out_dir` (the run's logger writes there). Returns the printed metrics."""
     out_dir.mkdir(parents=True)
-    command = [*EVALUATE, kind, "--ckpt", str(ckpt), *(f"--config={config}" for config in configs),
+    command = [*CLI, kind, "evaluate", *(f"--config={config}" for config in configs), "--ckpt_path", str(ckpt),
                "--out", str(out_dir / "results.json"), "--trainer.logger.init_args.save_dir", str(out_dir)]
     log = run_ok(command, out_dir / "log.txt", timeout, devices, threads)
     assert DATA_STREAM_WARNING not in log

@@ -30,16 +30,11 @@ def truncated_checkpoint(path: Path) -> Path:
 def test_truncated_checkpoint_is_one_line_for_fit_validate_and_evaluate(tmp_path):
     checkpoint = truncated_checkpoint(tmp_path / "epoch=3.ckpt")
     config = ["-c", "conf/tokenizer/tiny.yaml", "--trainer.default_root_dir", str(tmp_path)]
-    for subcommand in ("fit", "validate"):
+    for subcommand in ("fit", "validate", "evaluate"):
         result = run("seed_lightning.cli", "tokenizer", subcommand, *config, "--ckpt_path", str(checkpoint))
         assert result.returncode == 2, result.stderr
         assert len(result.stderr.splitlines()) == 1, result.stderr
         assert f"{checkpoint}: it is truncated or corrupt" in result.stderr and "--ckpt_path" in result.stderr
-
-    result = run("seed_lightning.evaluate", "tokenizer", "--ckpt", str(checkpoint), "--config", config[1])
-    assert result.returncode == 2, result.stderr
-    assert len(result.stderr.splitlines()) == 1, result.stderr
-    assert f"{checkpoint}: it is truncated or corrupt" in result.stderr and "--ckpt" in result.stderr
 
 
 @pytest.mark.slow

@@ -2,9 +2,7 @@
 extract-tokens -> MLLM, each reading what the one before wrote, with no path to override; and each run's
 effective settings (config files, CLI defaults and derived values together) are the recorded ones."""
 
-import contextlib
 import fnmatch
-import io
 import json
 import os
 import re
@@ -22,7 +20,8 @@ EFFECTIVE = Path(__file__).resolve().parent / "effective_configs"
 RUNS = {  # name: (command, subcommand, config files layered in this order)
     "tokenizer-tiny": ("tokenizer", "fit", ["tokenizer/tiny.yaml"]),
     "tokenizer-tiny-codebook": ("tokenizer", "fit", ["tokenizer/tiny.yaml", "tokenizer/tiny-codebook.yaml"]),
-    "tokenizer-tiny-codebook-validate": ("tokenizer", "validate", ["tokenizer/tiny.yaml", "tokenizer/tiny-codebook.yaml"]),
+    "tokenizer-tiny-codebook-validate": ("tokenizer", "validate",
+                                         ["tokenizer/tiny.yaml", "tokenizer/tiny-codebook.yaml"]),
     "tokenizer-tiny-cpu": ("tokenizer", "fit", ["tokenizer/tiny.yaml", "trainer/cpu.yaml"]),
     "tokenizer-seed_v1": ("tokenizer", "fit", ["tokenizer/seed_v1.yaml"]),
     "tokenizer-seed_v1-codebook": ("tokenizer", "fit", ["tokenizer/seed_v1.yaml", "tokenizer/seed_v1-codebook.yaml"]),
@@ -108,13 +107,11 @@ def test_the_paper_configs_run_eager_under_ddp():
 
 
 def parsed_config(command: str, subcommand: str, files: list[str]) -> dict:
-    """The config `seed-lightning COMMAND SUBCOMMAND -c FILE...` runs with, as `--print_config` prints it."""
-    from seed_lightning import cli
+    """The config `seed-lightning COMMAND SUBCOMMAND -c FILE...` runs with (defaults and derived values included)."""
+    from seed_lightning.cli import product_class
+    from seed_lightning.lightning_cli import effective_config
 
-    printed = io.StringIO()
-    with contextlib.redirect_stdout(printed), contextlib.suppress(SystemExit):
-        cli.main([command, subcommand, *(f"--config={CONF / name}" for name in files), "--print_config"])
-    return yaml.safe_load(printed.getvalue())
+    return effective_config(product_class(command), [subcommand, *(f"--config={CONF / name}" for name in files)])
 
 
 def effective(config: dict) -> dict:

@@ -11,7 +11,7 @@ paths land there) it builds the hub cache and the data, then runs the paper conf
     stage2     ... -c conf/tokenizer/seed_v1-codebook.yaml  (generation loss: SD's text encoder)
     extract    torchrun --nproc_per_node N -m seed_lightning.cli extract-tokens  (train, then val)
     mllm       seed-lightning mllm fit -c conf/mllm/seed_opt2.7b.yaml  (validation with its callbacks)
-    evaluate   python -m seed_lightning.evaluate mllm --ckpt .../last.ckpt  (every device)
+    evaluate   seed-lightning mllm evaluate -c conf/mllm/seed_opt2.7b.yaml --ckpt_path .../last.ckpt  (every device)
     generate   seed-lightning generate "CAPTION" -o generated.png --sd CompVis/stable-diffusion-v1-4
 
 Each stage gets only data paths, step counts, batch sizes (and, on CPU, the device settings) overridden, in an
@@ -219,8 +219,8 @@ def cli(settings: Settings, *args: str) -> list[str]:
     return [settings.python, "-m", "seed_lightning.cli", *args]
 
 
-def config_args(configs: list[Path], overlay_file: Path, flag: str = "-c") -> list[str]:
-    return [part for path in [*configs, overlay_file] for part in (flag, str(path))]
+def config_args(configs: list[Path], overlay_file: Path) -> list[str]:
+    return [part for path in [*configs, overlay_file] for part in ("-c", str(path))]
 
 
 def plan(settings: Settings, notes: dict[str, list[str]]) -> list[Stage]:
@@ -315,8 +315,8 @@ def plan(settings: Settings, notes: dict[str, list[str]]) -> list[Stage]:
               needs=[(Path(TRAIN_TOKENS[0]), "extract"), (Path(VAL_TOKENS[0]), "extract"), (Path(tokenizer), "stage2")],
               cleans=[str(Path(mllm["trainer"]["default_root_dir"]))], overlay=overlays["mllm"], finish=mllm_finish),
         Stage("evaluate", f"evaluate mllm ({world} devices)",
-              [[py, "-m", "seed_lightning.evaluate", "mllm", "--ckpt", str(mllm_ckpt_dir / "last.ckpt"),
-                *config_args(MLLM_CONFIGS, overlay_file["evaluate"], flag="--config")]],
+              [cli(settings, "mllm", "evaluate", *config_args(MLLM_CONFIGS, overlay_file["evaluate"]),
+                   "--ckpt_path", str(mllm_ckpt_dir / "last.ckpt"))],
               needs=[(mllm_ckpt_dir / "last.ckpt", "mllm")], cleans=[str(mllm_ckpt_dir / "results.json")],
               overlay=overlays["evaluate"], finish=evaluate_finish),
         Stage("generate", "text-to-image (SD pipeline)",
