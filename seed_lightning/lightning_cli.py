@@ -8,6 +8,16 @@ Every YAML key is a typed argument of the LightningModule, ShardDataModule or Tr
 their docstrings). Whatever the subcommand, the run is checked the same way before any class is built: the
 arguments parse (a misspelt key gets the closest valid one), an explicit checkpoint file is readable, and
 `core/preflight.py` finds everything the classes need; each failure is one ConfigError line.
+
+What every run shares is said here once (`RUN_DEFAULTS`, `--print_config` shows it), so a conf/ file holds only
+what differs:
+- `trainer.default_root_dir` is THE run folder: the logger writes into it (its save_dir and name follow it) and
+  `checkpoint.dirpath` is its `checkpoints/`;
+- `checkpoint`: the ModelCheckpoint every run has (the best checkpoint by `checkpoint.monitor` as
+  best-{epoch}-{step}.ckpt, and last.ckpt), written through AtomicCheckpointIO;
+- `trainer.callbacks`: learning-rate monitor, NonFiniteGuard and PreemptionCheckpoint; a config adds its own with
+  `callbacks+:` (`callbacks:` replaces the list);
+- TensorBoard, seed 0.
 """
 
 import logging
@@ -23,6 +33,7 @@ from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from seed_lightning.core.checkpointing import checked_ckpt_path, checkpoint_dir, resolve_resume_path
 from seed_lightning.core.data.datamodule import ShardDataModule
 from seed_lightning.core.errors import ConfigError
+from seed_lightning.core.model_checkpoint import ModelCheckpoint
 from seed_lightning.core.preflight import format_cli_error, preflight_config
 from seed_lightning.evaluate import SeedTrainer
 
@@ -30,6 +41,36 @@ log = logging.getLogger(__name__)
 
 RUN_CONFIG = "config.yaml"
 """The resolved config of a training run, in its log directory beside its checkpoints."""
+
+CALLBACK_GROUPS = {"checkpoint": ModelCheckpoint}
+"""Callbacks every run has, each configured under its own top-level key (`checkpoint.monitor`, ...)."""
+
+RUN_DEFAULTS = {
+    "checkpoint.filename": "best-{epoch}-{step}",
+    "checkpoint.save_top_k": 1,
+    "checkpoint.save_last": True,
+    "trainer.logger": {"class_path": "lightning.pytorch.loggers.TensorBoardLogger", "init_args": {"version": ""}},
+    "trainer.plugins": [{"class_path": "seed_lightning.core.checkpointing.AtomicCheckpointIO"}],
+    "trainer.callbacks": [
+        {"class_path": "lightning.pytorch.callbacks.LearningRateMonitor", "init_args": {"logging_interval": "step"}},
+        {"class_path": "seed_lightning.core.nonfinite.NonFiniteGuard"},
+        {"class_path": "seed_lightning.core.preemption.PreemptionCheckpoint"},
+    ],
+}
+"""The settings every run starts from (a config or a flag overrides them)."""
+
+
+def split_run_dir(root: str | None) -> tuple[str, str]:
+    """(save_dir, name) of a logger that writes into the run folder `root` itself (None: the working directory)."""
+    if not root:
+        return ".", ""
+    save_dir, name = os.path.split(os.path.normpath(root))
+    return save_dir or ".", name
+
+
+def checkpoints_dir(root: str | None) -> str | None:
+    """Where a run in the folder `root` keeps its checkpoints (None: Lightning's choice, the same folder)."""
+    return None if root is None else os.path.join(root, "checkpoints")
 
 
 def link_data_to_model(parser, model_class: type) -> None:
@@ -137,13 +178,25 @@ class SeedCLI(LightningCLI):
             checked_ckpt_path(ckpt_path, training_state=subcommand == "fit")
 
     def add_arguments_to_parser(self, parser) -> None:
+        for key, callback_class in CALLBACK_GROUPS.items():
+            parser.add_lightning_class_args(callback_class, key)
+        parser.set_defaults(RUN_DEFAULTS)
+        parser.link_arguments("trainer.default_root_dir", "checkpoint.dirpath", compute_fn=checkpoints_dir)
+        parser.link_arguments("trainer.default_root_dir", "trainer.logger.init_args.save_dir",
+                              compute_fn=lambda root: split_run_dir(root)[0])
+        parser.link_arguments("trainer.default_root_dir", "trainer.logger.init_args.name",
+                              compute_fn=lambda root: split_run_dir(root)[1])
         link_data_to_model(parser, self.model_class)
 
     def before_instantiate_classes(self) -> None:
         # Before the Trainer and the model exist: a missing file or tool fails in seconds, not after
         # minutes of model loading, and Lightning's own multi-line messages never show.
+        config = self.config[self.subcommand]
+        if config.trainer.enable_checkpointing is False:  # Lightning would refuse the `checkpoint` callback
+            raise ConfigError("trainer.enable_checkpointing: every run has a checkpoint callback; to save no "
+                              "checkpoint, set checkpoint.save_top_k: 0 and checkpoint.save_last: false instead")
         stage = "fit" if self.subcommand == "fit" else "validate"  # the Trainer stage the subcommand runs
-        preflight_config(self.config[self.subcommand], self.model_class, self.datamodule_class, stage)
+        preflight_config(config, self.model_class, self.datamodule_class, stage)
 
     def _resolve_ckpt_path(self) -> None:
         arguments = self.config_init[self.subcommand]
@@ -175,6 +228,10 @@ def effective_config(model_class: type, args: Sequence[str]) -> dict:
     plain data (what --print_config shows, plus the derived values). Nothing is checked or built."""
 
     class ParseOnly(SeedCLI):
+        @staticmethod
+        def subcommands() -> dict[str, set[str]]:  # the parser of the one subcommand asked for is enough
+            return {name: skip for name, skip in SeedCLI.subcommands().items() if name in args}
+
         def parse_arguments(self, parser, args) -> None:
             super().parse_arguments(parser, args)
             text = parser.dump(self.config, skip_link_targets=False, skip_none=False)

@@ -71,10 +71,9 @@ trainer:
   enable_model_summary: false
   logger: false
   callbacks:
-    - class_path: lightning.pytorch.callbacks.ModelCheckpoint
-      init_args: {{dirpath: {run_dir}/checkpoints, save_last: true, every_n_train_steps: 1}}
     - class_path: tests.test_cli.CrashOnce
       init_args: {{marker: {run_dir}/crashed}}
+checkpoint: {{monitor: null, every_n_train_steps: 1}}
 data:
   batch_size: 4
   samples_per_epoch: 16

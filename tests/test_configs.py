@@ -3,6 +3,7 @@ extract-tokens -> MLLM, each reading what the one before wrote, with no path to 
 effective settings (config files, CLI defaults and derived values together) are the recorded ones."""
 
 import fnmatch
+import functools
 import json
 import os
 import re
@@ -12,6 +13,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+from seed_lightning.cli import product_class
+from seed_lightning.core.model_checkpoint import ModelCheckpoint
+from seed_lightning.lightning_cli import CALLBACK_GROUPS, effective_config
 from seed_lightning.mllm.extract import build_parser
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
@@ -30,19 +34,14 @@ RUNS = {  # name: (command, subcommand, config files layered in this order)
     "mllm-seed_opt2.7b": ("mllm", "fit", ["mllm/seed_opt2.7b.yaml"]),
     "mllm-seed_opt2.7b-fsdp": ("mllm", "fit", ["mllm/seed_opt2.7b.yaml", "trainer/fsdp.yaml"]),
 }
-CHAINS = {  # (stage 1, stage 2 on top of it, the MLLM on the stage-2 export)
-    "paper": ("tokenizer/seed_v1.yaml", "tokenizer/seed_v1-codebook.yaml", "mllm/seed_opt2.7b.yaml"),
-    "tiny": ("tokenizer/tiny.yaml", "tokenizer/tiny-codebook.yaml", "mllm/tiny.yaml"),
+CHAINS = {  # (stage 1, stage 2 on top of it, the MLLM on the stage-2 export): names of RUNS
+    "paper": ("tokenizer-seed_v1", "tokenizer-seed_v1-codebook", "mllm-seed_opt2.7b"),
+    "tiny": ("tokenizer-tiny", "tokenizer-tiny-codebook", "mllm-tiny"),
 }
 
 
 def load(name: str) -> dict:
     return yaml.safe_load((CONF / name).read_text())
-
-
-def model_checkpoint(config: dict) -> dict:
-    (callback,) = [c for c in config["trainer"]["callbacks"] if c["class_path"].endswith("ModelCheckpoint")]
-    return callback["init_args"]
 
 
 def extract_commands(name: str) -> list:
@@ -62,17 +61,18 @@ def extract_commands(name: str) -> list:
     return [build_parser().parse_args(shlex.split(" ".join(parts))) for parts in commands]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("chain", sorted(CHAINS))
 def test_each_stage_reads_what_the_one_before_wrote(chain):
-    stage1, stage2, mllm = (load(name) for name in CHAINS[chain])
-    assert stage2["model"]["init_from"] == f"{model_checkpoint(stage1)['dirpath']}/last.ckpt"
-    assert model_checkpoint(stage1)["save_last"]
+    stage1, stage2, mllm = (parsed_config(*RUNS[name]) for name in CHAINS[chain])
+    assert stage2["model"]["init_from"] == f"{stage1['checkpoint']['dirpath']}/last.ckpt"
+    assert stage1["checkpoint"]["save_last"]
     assert mllm["model"]["tokenizer"] == stage2["model"]["export_dir"]
 
 
 def test_the_paper_mllm_config_names_the_extract_commands_that_write_its_token_shards():
-    stage1, stage2, mllm = (load(name) for name in CHAINS["paper"])
-    commands = {args.prefix: args for args in extract_commands(CHAINS["paper"][2])}
+    stage1, stage2, mllm = (load(RUNS[name][2][-1]) for name in CHAINS["paper"])
+    commands = {args.prefix: args for args in extract_commands(RUNS[CHAINS["paper"][2]][2][-1])}
     assert set(commands) == {"train", "val"}
     image_shards = {"train": stage1["data"]["train"][0]["urls"], "val": stage1["data"]["val"]}
     token_shards = {"train": mllm["data"]["train"][0]["urls"], "val": mllm["data"]["val"]}
@@ -89,37 +89,47 @@ def test_config_files_named_in_comments_exist():
             assert (CONF.parent / named).is_file(), f"{path.relative_to(CONF.parent)} names {named}"
 
 
-def test_every_config_keeping_a_last_checkpoint_saves_it_at_the_end_of_fit():
+def test_every_run_keeps_its_checkpoints_through_the_one_checkpoint_callback():
+    # It saves last.ckpt at the end of fit too (core/model_checkpoint.py): a second ModelCheckpoint would not.
+    assert CALLBACK_GROUPS["checkpoint"] is ModelCheckpoint
     for path in CONF.rglob("*.yaml"):
-        callbacks = ((yaml.safe_load(path.read_text()) or {}).get("trainer") or {}).get("callbacks") or []
-        for callback in callbacks:
-            if callback["class_path"].endswith("ModelCheckpoint") and callback["init_args"].get("save_last"):
-                assert callback["class_path"] == "seed_lightning.core.model_checkpoint.ModelCheckpoint", path
+        trainer = (yaml.safe_load(path.read_text()) or {}).get("trainer") or {}
+        for callback in (trainer.get("callbacks") or []) + (trainer.get("callbacks+") or []):
+            assert not callback["class_path"].endswith("ModelCheckpoint"), path
 
 
 def test_the_paper_configs_run_eager_under_ddp():
     # Rehearsed on 2 H200s (bench/RESULTS.md, 2026-11-30): stage 2 with compiled heads under DDP did not get
     # through 8 steps in 150 s (dynamo's DDP graph splitting and recompiles), 87 s eager. Compile under DDP is
     # opt-in until a rehearsal shows it through.
-    for name in CHAINS["paper"]:
-        config = load(name)
+    for run in CHAINS["paper"]:
+        config = load(RUNS[run][2][-1])
         assert not config["model"].get("compile", False), name
+
+
+@functools.cache
+def _parsed(command: str, subcommand: str, files: tuple[str, ...]) -> str:
+    config = effective_config(product_class(command), [subcommand, *(f"--config={CONF / name}" for name in files)])
+    return json.dumps(config)
 
 
 def parsed_config(command: str, subcommand: str, files: list[str]) -> dict:
     """The config `seed-lightning COMMAND SUBCOMMAND -c FILE...` runs with (defaults and derived values included)."""
-    from seed_lightning.cli import product_class
-    from seed_lightning.lightning_cli import effective_config
-
-    return effective_config(product_class(command), [subcommand, *(f"--config={CONF / name}" for name in files)])
+    return json.loads(_parsed(command, subcommand, tuple(files)))
 
 
 def effective(config: dict) -> dict:
     """`config` in a form where two configs are equal when their runs use the same settings: the order of the
-    callbacks and plugins does not matter (Lightning orders callbacks itself), and a logger is known by where it
-    writes (save_dir / name / version / sub_dir joined) rather than by how that path is split."""
+    callbacks and plugins does not matter (Lightning orders callbacks itself), a callback configured under its own
+    key (`checkpoint`) is one of the trainer's callbacks, and a logger is known by where it writes (save_dir / name
+    / version / sub_dir joined) rather than by how that path is split."""
     config = json.loads(json.dumps(config))
     trainer = config["trainer"]
+    for key, callback_class in CALLBACK_GROUPS.items():
+        if key in config:
+            class_path = f"{callback_class.__module__}.{callback_class.__qualname__}"
+            trainer["callbacks"] = [*(trainer.get("callbacks") or []), {"class_path": class_path,
+                                                                         "init_args": config.pop(key)}]
     for key in ("callbacks", "plugins"):
         trainer[key] = sorted(trainer.get(key) or [], key=lambda spec: json.dumps(spec, sort_keys=True))
     logger = trainer.get("logger")

@@ -15,8 +15,8 @@ from tests.cli_runs import CLI, run_ok
 
 
 def overlay(run: Path, stage: str, callbacks: str = "", data: str = "") -> str:
-    """The stage's outputs under `run`; `callbacks` (YAML list items) join the checkpoint callback, `data` (indented
-    YAML lines) overrides data keys."""
+    """The stage's outputs under `run`; `callbacks` (YAML list items) are the trainer's callbacks besides the
+    checkpoint callback, `data` (indented YAML lines) overrides data keys."""
     stage_dir = run / stage
     extra = ""
     if stage == "codebook":
@@ -31,12 +31,7 @@ trainer:
   {"max_epochs: 1" if stage == "codebook" else ""}
   default_root_dir: {stage_dir}
   enable_progress_bar: false
-  logger:
-    class_path: lightning.pytorch.loggers.TensorBoardLogger
-    init_args: {{save_dir: {run}, name: {stage}, version: ""}}
   callbacks:
-    - class_path: lightning.pytorch.callbacks.ModelCheckpoint
-      init_args: {{dirpath: {stage_dir}/checkpoints, save_last: true}}
 {callbacks}
 {"data:" if data else ""}
 {data}""" + extra
