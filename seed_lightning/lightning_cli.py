@@ -15,6 +15,7 @@ what differs:
   `checkpoint.dirpath` is its `checkpoints/`;
 - `checkpoint`: the ModelCheckpoint every run has (the best checkpoint by `checkpoint.monitor` as
   best-{epoch}-{step}.ckpt, and last.ckpt), written through AtomicCheckpointIO;
+- `throughput`: images/s, tokens/s, model FLOP/s and, with `throughput.peak_flops`, MFU in TensorBoard;
 - `trainer.callbacks`: learning-rate monitor, NonFiniteGuard and PreemptionCheckpoint; a config adds its own with
   `callbacks+:` (`callbacks:` replaces the list);
 - TensorBoard, seed 0.
@@ -35,6 +36,7 @@ from seed_lightning.core.data.datamodule import ShardDataModule
 from seed_lightning.core.errors import ConfigError
 from seed_lightning.core.model_checkpoint import ModelCheckpoint
 from seed_lightning.core.preflight import format_cli_error, preflight_config
+from seed_lightning.core.throughput import ThroughputCallback
 from seed_lightning.evaluate import SeedTrainer
 
 log = logging.getLogger(__name__)
@@ -42,8 +44,9 @@ log = logging.getLogger(__name__)
 RUN_CONFIG = "config.yaml"
 """The resolved config of a training run, in its log directory beside its checkpoints."""
 
-CALLBACK_GROUPS = {"checkpoint": ModelCheckpoint}
-"""Callbacks every run has, each configured under its own top-level key (`checkpoint.monitor`, ...)."""
+CALLBACK_GROUPS = {"checkpoint": ModelCheckpoint, "throughput": ThroughputCallback}
+"""Callbacks every run has, each configured under its own top-level key (`checkpoint.monitor`,
+`throughput.peak_flops`, ...)."""
 
 RUN_DEFAULTS = {
     "checkpoint.filename": "best-{epoch}-{step}",

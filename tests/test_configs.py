@@ -153,6 +153,12 @@ def test_each_run_has_its_recorded_effective_config(run):
     assert config == yaml.safe_load(recorded.read_text())
 
 
+@pytest.mark.slow
+def test_the_paper_runs_log_mfu():
+    for run in CHAINS["paper"]:
+        assert parsed_config(*RUNS[run])["throughput"]["peak_flops"] == 989e12, run
+
+
 def test_every_config_file_is_in_a_recorded_run():
     named = {name for _, _, files in RUNS.values() for name in files}
     assert {str(path.relative_to(CONF)) for path in CONF.rglob("*.yaml")} == named

@@ -259,7 +259,7 @@ def plan(settings: Settings, notes: dict[str, list[str]]) -> list[Stage]:
 
     def mllm_finish(result: StageResult) -> None:
         fit_rate(logger_dir(mllm), sizes.mllm_batch)(result)
-        per_rank = [value for _, _, value in scalar_events(work / logger_dir(mllm), "train/tokens_per_sec")]
+        per_rank = [value for _, _, value in scalar_events(work / logger_dir(mllm), "throughput/tokens_per_sec")]
         if len(per_rank) > 2:
             tokens = statistics.median(per_rank[2:]) * world
             result.throughput = f"{tokens:,.0f} tok/s (rank 0's median x {world}); " + result.throughput

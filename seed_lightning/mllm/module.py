@@ -16,7 +16,6 @@ metrics (captions, VQA, images) come from callbacks that use `self.mllm` and `se
 
 import logging
 import random
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,6 +31,7 @@ from seed_lightning.core.optim import AdamWModule, OptimConfig
 from seed_lightning.core.preflight import check_files, check_folder, check_pretrained
 from seed_lightning.core.pretrained import WEIGHTS_FILE
 from seed_lightning.core.rng import restore_rng_states, save_rng_states
+from seed_lightning.core.throughput import linear_flops_per_token
 from seed_lightning.mllm.model import MultimodalLM, MultimodalLMConfig
 from seed_lightning.mllm.packing import IGNORE_INDEX, PackedBatch, build_sample, pack_samples, pad_batch
 from seed_lightning.mllm.vqa import read_vqa
@@ -143,8 +143,8 @@ class MLLMModule(AdamWModule):
         self.vqa_by_image = self._load_vqa(vqa_train) if vqa_train is not None else {}
         self.vqa_probability = vqa_train.probability if vqa_train is not None else 0.0
         self.val_means = torch.nn.ModuleDict({name: ValSetMean() for name in ("caption_loss", "image_loss", "loss")})
-        self._batch_started: float | None = None
         self._batch_tokens = 0
+        """Tokens of the last training step's rows, pads left out (ThroughputCallback's tokens/s and MFU)."""
         self._prepared = False
 
     # ---- construction -------------------------------------------------------------------------
@@ -281,15 +281,22 @@ class MLLMModule(AdamWModule):
             num_image=num_image,
         )
 
-    # ---- Lightning hooks ----------------------------------------------------------------------
-    def on_train_batch_start(self, batch: dict, batch_idx: int) -> None:
-        self._batch_started = time.perf_counter()
+    # ---- what ThroughputCallback (core/throughput.py) measures --------------------------------------
+    def throughput_counts(self, batch: dict) -> tuple[int, int]:
+        """(images, tokens the LM ran on: the step's rows less their pads) of the last training batch."""
+        return len(batch["caption"]), self._batch_tokens
 
+    def flops_per_token(self) -> float:
+        """Model FLOPs of one training step per token: 6N per trainable and 4N per frozen nn.Linear weight (LoRA
+        adapters and the LM head included; attention scores and embedding lookups left out)."""
+        return linear_flops_per_token(self.mllm.model)[0]
+
+    # ---- Lightning hooks ----------------------------------------------------------------------
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         rng = random.Random(f"{self.hparams.sample_seed}/{self.global_rank}/{self.global_step}")
         rows = self.collate(*self.build_samples(batch, rng))
         losses = self.batch_losses(rows)
-        self._batch_tokens = losses.num_text + losses.num_image
+        self._batch_tokens = int((rows.segment_ids > 0).sum())  # host copy: no device sync
         batch_size = len(batch["caption"])
         self.log("train/loss", losses.loss, prog_bar=True, batch_size=batch_size)
         if losses.num_text:
@@ -300,13 +307,6 @@ class MLLMModule(AdamWModule):
         if rows.num_truncated:
             self.log("train/truncated_samples", float(rows.num_truncated), batch_size=batch_size)
         return losses.loss
-
-    def on_train_batch_end(self, outputs, batch: dict, batch_idx: int) -> None:
-        if self._batch_started is not None:
-            seconds = time.perf_counter() - self._batch_started
-            # Useful (non-pad target) tokens over the whole step: forward, backward and optimiser.
-            self.log("train/tokens_per_sec", self._batch_tokens / max(seconds, 1e-9), prog_bar=True,
-                     batch_size=len(batch["caption"]))
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         mllm = self.mllm

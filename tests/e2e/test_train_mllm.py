@@ -73,7 +73,7 @@ def test_extract_train_export_and_use(tmp_path, monkeypatch, capsys):
     assert len(caption_losses) == 3
     assert caption_losses[0] < math.log(len(MultimodalLM.load(EXPORT / "merged").tokenizer))
     assert caption_losses[-1] < caption_losses[0] - 0.2, caption_losses
-    assert scalars(tmp_path / "checkpoints" / "mllm-tiny" / "logs", "train/tokens_per_sec")
+    assert scalars(tmp_path / "checkpoints" / "mllm-tiny" / "logs", "throughput/tokens_per_sec")
     saved = json.loads((EXPORT / "merged" / "seed_mllm.json").read_text())
     assert saved["weights"] == "full" and saved["config"]["num_visual_codes"] == NUM_CODES
     assert (tmp_path / "checkpoints" / "mllm-tiny" / "checkpoints" / "last.ckpt").is_file()

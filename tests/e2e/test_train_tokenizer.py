@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from seed_lightning.core.data.datamodule import ShardDataModule
 from seed_lightning.tokenizer.model import SeedTokenizer
@@ -74,6 +75,10 @@ def val_retrieval(tokenizer: SeedTokenizer, world) -> dict[str, float]:
 def test_tiny_default_tokenizer_learns(default_world, tmp_path):
     fit(tmp_path, "contrastive")
     fit(tmp_path, "codebook")
+    for stage in ("contrastive", "codebook"):  # the speed meter every run has: images/s and measured FLOP/s
+        events = EventAccumulator(str(tmp_path / stage))
+        events.Reload()
+        assert {"throughput/samples_per_sec", "throughput/flops_per_sec"} <= set(events.Tags()["scalars"]), stage
     tokenizer = SeedTokenizer.load(tmp_path / "seed_tokenizer").eval()
     recall = val_retrieval(tokenizer, default_world)
     chance = 100 / 256  # percent: one right image among the 256 val images
