@@ -70,11 +70,11 @@ train-mllm: extract-tokens  ## train the tiny multimodal LM on the token shards 
 
 eval-tokenizer: data java  ## evaluate a tokenizer checkpoint: make eval-tokenizer CKPT=path.ckpt
 	@test -n "$(CKPT)" || { echo "usage: make eval-tokenizer CKPT=checkpoints/tokenizer-tiny/codebook/checkpoints/last.ckpt"; exit 2; }
-	$(PY) -m seed_lightning.evaluate tokenizer --ckpt $(CKPT) --config conf/tokenizer/tiny.yaml --config conf/tokenizer/tiny-codebook.yaml
+	$(SEED) tokenizer evaluate --config conf/tokenizer/tiny.yaml --config conf/tokenizer/tiny-codebook.yaml --ckpt_path $(CKPT)
 
 eval-mllm: data java  ## evaluate an MLLM checkpoint: make eval-mllm CKPT=path.ckpt
 	@test -n "$(CKPT)" || { echo "usage: make eval-mllm CKPT=$(MLLM_RUN)/checkpoints/last.ckpt"; exit 2; }
-	$(PY) -m seed_lightning.evaluate mllm --ckpt $(CKPT) --config $(MLLM_CONFIG)
+	$(SEED) mllm evaluate --config $(MLLM_CONFIG) --ckpt_path $(CKPT)
 
 demo-resume: data  ## SIGKILL a tiny run mid-epoch, resume it, print its losses beside an uninterrupted run's
 	$(PY) -m pytest -q -s -p no:cacheprovider tests/e2e/test_demo_resume.py

@@ -15,11 +15,12 @@ from types import SimpleNamespace
 
 import lightning as L
 import torch
-from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 # The benches run from a checkout: make `seed_lightning` importable without installing it.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from seed_lightning.core.throughput import linear_flops_per_token  # noqa: E402, F401  (bench/mllm.py uses it)
 
 DATASHEET_BF16_PEAK = 989e12
 """H100/H200 SXM dense bf16 FLOP/s from NVIDIA's datasheet."""
@@ -56,19 +57,6 @@ def counted_flops(fn: Callable[[], object]) -> int:
     with FlopCounterMode(display=False) as counter:
         fn()
     return counter.get_total_flops()
-
-
-def linear_flops_per_token(model: nn.Module) -> tuple[float, float]:
-    """(training FLOPs per token, matmul params) over every nn.Linear: 6N for trainable weights
-    (forward + input and weight gradients), 4N for frozen ones that still pass gradients through
-    (forward + input gradient). Embedding lookups and attention scores are not counted."""
-    flops = params = 0.0
-    for module in model.modules():
-        if isinstance(module, nn.Linear):
-            n = module.in_features * module.out_features
-            params += n
-            flops += (6 if module.weight.requires_grad else 4) * n
-    return flops, params
 
 
 def mfu_fields(flops_per_sec: float, peak: float) -> dict[str, float]:

@@ -2,31 +2,31 @@
 
     seed-lightning tokenizer fit -c conf/tokenizer/tiny.yaml [--ckpt_path last]
     seed-lightning tokenizer validate -c conf/tokenizer/tiny.yaml --ckpt_path PATH
+    seed-lightning tokenizer evaluate -c conf/tokenizer/tiny.yaml -c conf/tokenizer/tiny-codebook.yaml --ckpt_path PATH
     seed-lightning extract-tokens --tokenizer DIR --shards PATTERN --out DIR [--prefix train]
-    seed-lightning mllm fit -c conf/mllm/tiny.yaml [--ckpt_path last]
+    seed-lightning mllm fit|validate|evaluate -c conf/mllm/tiny.yaml [--ckpt_path last]
     seed-lightning caption IMAGE [--mllm DIR] [--tokenizer DIR]
     seed-lightning vqa IMAGE "QUESTION" [--mllm DIR] [--tokenizer DIR]
     seed-lightning generate "CAPTION" -o out.png [--mllm DIR] [--tokenizer DIR] [--sd DIR]
 
-`tokenizer` and `mllm` are LightningCLIs over TokenizerModule / MLLMModule + ShardDataModule: every
-YAML key is a typed argument of those classes or of the Trainer (`--help` lists them with their docstrings).
-The tokenizer's YAML picks its stage by `model.class_path` (ContrastiveModule, CodebookModule).
-Errors a user can fix (bad config key, missing path, no GPU, ...) print one line and exit 2.
+`tokenizer` and `mllm` run a Trainer: they are one LightningCLI (`lightning_cli.SeedCLI`) over TokenizerModule /
+MLLMModule + ShardDataModule, whose every YAML key is a typed argument of those classes or of the Trainer
+(`--help` lists them with their docstrings). The tokenizer's YAML picks its stage by `model.class_path`
+(ContrastiveModule, CodebookModule). The other commands run no Trainer and take plain options.
+Errors a user can fix (bad config key, missing path, no GPU, ...) print one line and exit 2, whatever the command.
 """
 
 import argparse
 import faulthandler
+import importlib
 import logging
 import os
 import signal
 import sys
 import warnings
-from argparse import ArgumentError
-from pathlib import Path
 
-from seed_lightning.core.errors import ConfigError, DataError, SeedLightningError
+from seed_lightning.core.errors import ConfigError, DataError, run_command
 
-log = logging.getLogger(__name__)
 
 DEFAULT_MLLM = "checkpoints/mllm-tiny/export/merged"
 """Where `make train-mllm` leaves the merged multimodal LM."""
@@ -35,150 +35,28 @@ DEFAULT_TOKENIZER = "checkpoints/tokenizer-tiny/seed_tokenizer"
 DEFAULT_SD = "CompVis/stable-diffusion-v1-4"
 """The paper's Stable Diffusion; `make train-mllm` prints the --sd of the tiny one."""
 
+PRODUCTS = {
+    "tokenizer": "seed_lightning.tokenizer.module:TokenizerModule",
+    "mllm": "seed_lightning.mllm.module:MLLMModule",
+}
+"""The commands that run a Trainer: name -> the LightningModule class (module:class) their SeedCLI builds."""
+
 USAGE = """usage: seed-lightning COMMAND ...
 
 commands:
-  tokenizer {fit,validate} ...   train / evaluate the SEED tokenizer (LightningCLI)
-  extract-tokens ...             encode image shards once into token shards (the tokenizer's codes per image)
-  mllm {fit,validate} ...        train / evaluate the multimodal LM on token shards (LightningCLI)
-  caption IMAGE                  describe an image with a trained multimodal LM
-  vqa IMAGE "QUESTION"           answer a question about an image
-  generate "CAPTION" -o OUT.png  draw an image for a caption (LM codes -> tokenizer -> Stable Diffusion)
+  tokenizer {fit,validate,evaluate} ...   train / validate / evaluate the SEED tokenizer (LightningCLI)
+  extract-tokens ...                      encode image shards once into token shards (the tokenizer's codes per image)
+  mllm {fit,validate,evaluate} ...        train / validate / evaluate the multimodal LM on token shards (LightningCLI)
+  caption IMAGE                           describe an image with a trained multimodal LM
+  vqa IMAGE "QUESTION"                    answer a question about an image
+  generate "CAPTION" -o OUT.png           draw an image for a caption (LM codes -> tokenizer -> Stable Diffusion)
 """
 
 
-def link_data_to_model(parser, model_class: type) -> None:
-    """What the data must share with the model is set once, on the model: an MLLM's token shards hold
-    `model.model.tokens_per_image` codes per image (its tokenizer's queries), so `data.codes_per_image` follows it."""
-    from seed_lightning.mllm.module import MLLMModule
-
-    if issubclass(model_class, MLLMModule):
-        parser.link_arguments(
-            "model",
-            "data.codes_per_image",
-            compute_fn=lambda module: module.mllm.config.tokens_per_image,
-            apply_on="instantiate",
-        )
-
-
-def subclass_mode(model_class: type) -> bool:
-    """Whether the YAML's `model.class_path` picks a subclass of `model_class`: the tokenizer's stages subclass
-    TokenizerModule."""
-    from seed_lightning.tokenizer.module import TokenizerModule
-
-    return issubclass(model_class, TokenizerModule)
-
-
-def check_checkpoint_class(model_class: type, ckpt_path: str) -> None:
-    """`model_class.check_checkpoint(hyperparameters)`, where it has one, on an explicit checkpoint file: Lightning
-    rebuilds the model from those hyperparameters right after parsing, and a checkpoint it cannot rebuild from gets
-    one line instead of a parser trace."""
-    check = getattr(model_class, "check_checkpoint", None)
-    if check is not None and Path(ckpt_path).is_file():
-        import torch
-
-        check(torch.load(ckpt_path, map_location="cpu", mmap=True, weights_only=True).get("hyper_parameters") or {})
-
-
-def _run_lightning_cli(model_class, argv: list[str]) -> None:
-    import jsonargparse
-    from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
-
-    from seed_lightning.core.checkpointing import checked_ckpt_path, checkpoint_dir, resolve_resume_path
-    from seed_lightning.core.data.datamodule import ShardDataModule
-    from seed_lightning.core.preflight import format_cli_error, preflight_config
-
-    # Dataclass field docstrings become --help text.
-    jsonargparse.set_parsing_settings(docstring_parse_attribute_docstrings=True)
-
-    class RunConfigCallback(SaveConfigCallback):
-        """Writes the run's config.yaml (`save_run_config`) once training has started, not at setup: a run
-        that fails during setup, checkpoint restore or the sanity check leaves the folder as it was.
-        `validate` writes none (it produces no checkpoint)."""
-
-        def setup(self, trainer, pl_module, stage: str) -> None:
-            pass
-
-        def on_train_start(self, trainer, pl_module) -> None:
-            log_dir = trainer.log_dir  # every rank: it broadcasts
-            if trainer.is_global_zero:
-                save_run_config(log_dir, self.parser.dump(self.config, skip_none=False))
-
-    class SeedCLI(LightningCLI):
-        def parse_arguments(self, parser, args):
-            try:
-                super().parse_arguments(parser, args)
-            except ArgumentError as exc:
-                raise ConfigError(format_cli_error(exc, parser)) from None
-            ckpt_path = self.config[self.config.subcommand].get("ckpt_path")
-            if ckpt_path not in (None, "last"):
-                # Lightning reads an explicit file's hyperparameters right after parsing, before any hook.
-                checked_ckpt_path(ckpt_path)
-                check_checkpoint_class(self.model_class, ckpt_path)
-
-        def add_arguments_to_parser(self, parser) -> None:
-            link_data_to_model(parser, self.model_class)
-
-        def before_instantiate_classes(self) -> None:
-            # Before the Trainer and the model exist: a missing file or tool fails in seconds, not after
-            # minutes of model loading, and Lightning's own multi-line messages never show.
-            preflight_config(self.config[self.subcommand], self.model_class, self.datamodule_class, self.subcommand)
-
-        def before_fit(self) -> None:
-            ckpt_path = self.config_init["fit"].get("ckpt_path")
-            self.config_init["fit"]["ckpt_path"] = resolve_resume_path(ckpt_path, checkpoint_dir(self.trainer))
-
-        def before_validate(self) -> None:
-            ckpt_path = self.config_init["validate"].get("ckpt_path")
-            self.config_init["validate"]["ckpt_path"] = resolve_resume_path(ckpt_path, checkpoint_dir(self.trainer))
-
-    SeedCLI(
-        model_class,
-        ShardDataModule,
-        args=argv,
-        subclass_mode_model=subclass_mode(model_class),
-        save_config_callback=RunConfigCallback,
-        auto_configure_optimizers=False,
-        parser_kwargs={"exit_on_error": False},
-    )
-
-
-RUN_CONFIG = "config.yaml"
-"""The resolved config of a training run, in its log directory beside its checkpoints."""
-
-
-def _run_settings(config_text: str) -> dict | None:
-    """A saved config's settings, less `ckpt_path` (resuming changes it); None when it is not readable YAML."""
-    import yaml
-
-    try:
-        config = yaml.safe_load(config_text)
-    except yaml.YAMLError:
-        return None
-    if isinstance(config, dict):
-        config.pop("ckpt_path", None)
-    return config
-
-
-def save_run_config(log_dir: str | os.PathLike, text: str) -> None:
-    """Write `text` as `<log_dir>/config.yaml`, keeping an earlier run's different config.
-
-    The config beside a checkpoint must be the one that produced it. The same config again (a resumed
-    run; `ckpt_path` may differ) leaves the file as it is. A different one (changed settings on resume,
-    or a new run in the same folder) is written after the earlier file is renamed
-    `config.<its time>.yaml`, with one info line: the earlier checkpoints keep their config.
-    """
-    from seed_lightning.core.checkpointing import rename_aside
-    from seed_lightning.core.io import atomic_open
-
-    path = Path(log_dir) / RUN_CONFIG
-    if path.is_file():
-        if _run_settings(path.read_text()) == _run_settings(text):
-            return
-        kept = rename_aside(path, ".", when=path.stat().st_mtime)
-        log.info(f"{path} was written by a run with other settings: kept as {kept.name}.")
-    with atomic_open(path, "w") as file:
-        file.write(text)
+def product_class(product: str) -> type:
+    """The LightningModule class of the Trainer command `product` (a key of PRODUCTS)."""
+    module_name, class_name = PRODUCTS[product].split(":")
+    return getattr(importlib.import_module(module_name), class_name)
 
 
 def _inference_parser(command: str, description: str) -> argparse.ArgumentParser:
@@ -336,6 +214,19 @@ def _dump_stacks_on_sigusr2() -> None:
         pass
 
 
+def _run(command: str, argv: list[str]) -> None:
+    if command in PRODUCTS:
+        from seed_lightning.lightning_cli import SeedCLI
+
+        SeedCLI(product_class(command), args=argv)
+    elif command == "extract-tokens":
+        from seed_lightning.mllm import extract
+
+        extract.main(argv)
+    else:
+        INFERENCE_COMMANDS[command](argv)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     _dump_stacks_on_sigusr2()
@@ -345,28 +236,10 @@ def main(argv: list[str] | None = None) -> int:
         print(USAGE)
         return 0
     command, rest = argv[0], argv[1:]
-    try:
-        if command == "tokenizer":
-            from seed_lightning.tokenizer.module import TokenizerModule
-
-            _run_lightning_cli(TokenizerModule, rest)
-        elif command == "mllm":
-            from seed_lightning.mllm.module import MLLMModule
-
-            _run_lightning_cli(MLLMModule, rest)
-        elif command == "extract-tokens":
-            from seed_lightning.mllm import extract
-
-            extract.main(rest)
-        elif command in INFERENCE_COMMANDS:
-            INFERENCE_COMMANDS[command](rest)
-        else:
-            print(f"seed-lightning: unknown command {command!r}\n{USAGE}", file=sys.stderr)
-            return 2
-    except SeedLightningError as error:
-        print(f"seed-lightning: error: {error}", file=sys.stderr)
-        return getattr(error, "exit_code", 2)
-    return 0
+    if command not in (*PRODUCTS, "extract-tokens", *INFERENCE_COMMANDS):
+        print(f"seed-lightning: unknown command {command!r}\n{USAGE}", file=sys.stderr)
+        return 2
+    return run_command("seed-lightning", lambda: _run(command, rest))
 
 
 if __name__ == "__main__":

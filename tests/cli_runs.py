@@ -1,4 +1,4 @@
-"""Run the real commands (`seed-lightning`, `seed_lightning.evaluate`, torchrun) in subprocesses, as users do,
+"""Run the real commands (`seed-lightning`, torchrun) in subprocesses, as users do,
 on one process or on several CPU processes (DDP over gloo), and compare what two evaluations report."""
 
 import json
@@ -18,7 +18,6 @@ from seed_lightning.core.data.shards import iter_tar_samples
 
 REPO = Path(__file__).resolve().parents[1]
 CLI = [sys.executable, "-m", "seed_lightning.cli"]
-EVALUATE = [sys.executable, "-m", "seed_lightning.evaluate"]
 DATA_STREAM_WARNING = "data stream does not match"
 """ShardDataModule's complaint on restoring a train stream of another configuration (never in an evaluation)."""
 
@@ -98,11 +97,11 @@ def run_ok(command: Sequence[str], log: Path, timeout: float = 300, devices: int
 
 def evaluate(kind: str, ckpt: Path, configs: Sequence[Path | str], out_dir: Path, devices: int,
              threads: int | None = None, timeout: float = 300) -> dict[str, float]:
-    """`python -m seed_lightning.evaluate KIND` on `devices` processes (see `run_ok`); results, result files and log
-    in `out_dir` (the run's logger writes there). Returns the printed metrics."""
+    """`seed-lightning KIND evaluate` on `devices` processes (see `run_ok`); results, result files and log
+    in `out_dir` (the run folder: the logger writes there). Returns the printed metrics."""
     out_dir.mkdir(parents=True)
-    command = [*EVALUATE, kind, "--ckpt", str(ckpt), *(f"--config={config}" for config in configs),
-               "--out", str(out_dir / "results.json"), "--trainer.logger.init_args.save_dir", str(out_dir)]
+    command = [*CLI, kind, "evaluate", *(f"--config={config}" for config in configs), "--ckpt_path", str(ckpt),
+               "--out", str(out_dir / "results.json"), "--trainer.default_root_dir", str(out_dir)]
     log = run_ok(command, out_dir / "log.txt", timeout, devices, threads)
     assert DATA_STREAM_WARNING not in log
     return json.loads((out_dir / "results.json").read_text())["metrics"]
@@ -147,10 +146,9 @@ def val_images(path: Path, start: int, count: int) -> str:
     return str(path)
 
 
-def mllm_overlay(tokenizer: str, tokens: Path, num_codes: int, val_batch_size: int, callbacks: str = "") -> str:
+def mllm_overlay(tokenizer: str, tokens: Path, num_codes: int, val_batch_size: int) -> str:
     """A YAML layered on conf/mllm/tiny.yaml: this tokenizer and its token shards, the generation callbacks kept
-    but small (a short caption, 6 generated images of 2 diffusion steps) plus `callbacks` (YAML list items), no
-    progress bar."""
+    but small (a short caption, 6 generated images of 2 diffusion steps), no progress bar."""
     return f"""
 trainer:
   enable_progress_bar: false
@@ -164,7 +162,6 @@ trainer:
         train_annotations: data/synthetic/vqa/annotations_train.json
         max_new_tokens: 5
 {CLIP_SCORE_CALLBACK}
-{callbacks}
 model:
   tokenizer: {tokenizer}
   model: {{num_visual_codes: {num_codes}}}

@@ -1,14 +1,17 @@
-"""seed_lightning.evaluate: config + checkpoint -> trainer.validate with the configured callbacks -> table + JSON."""
+"""`seed-lightning ... evaluate`: config + checkpoint -> validate with the configured callbacks -> table + JSON."""
 
 import json
+from pathlib import Path
 
 import lightning as L
 import pytest
 import torch
 from torch.utils.data import DataLoader
 
+from seed_lightning.cli import main
 from seed_lightning.core.errors import ConfigError
-from seed_lightning.evaluate import evaluate, format_table, main
+from seed_lightning.evaluate import format_table
+from seed_lightning.lightning_cli import SeedCLI
 
 CAPTIONS = ["a red circle at the top", "two blue squares in the middle", "a green star on a gray background"]
 
@@ -52,6 +55,15 @@ class CodesDataModule(L.LightningDataModule):
         return DataLoader([batch], batch_size=None)
 
 
+def evaluate(model_class: type, configs: list[str], ckpt: str, *options: str) -> dict[str, float]:
+    """`evaluate -c CONFIG... --ckpt_path CKPT OPTIONS` of a SeedCLI over `model_class` and CodesDataModule; the
+    metrics it wrote (to --out, default results.json beside the checkpoint)."""
+    args = ["evaluate", *(f"--config={config}" for config in configs), "--ckpt_path", ckpt, *options]
+    SeedCLI(model_class, CodesDataModule, args=args)
+    out = options[options.index("--out") + 1] if "--out" in options else f"{ckpt.rpartition('/')[0]}/results.json"
+    return json.loads(open(out).read())["metrics"]
+
+
 @pytest.fixture
 def run(tmp_path):
     module = MLLMStandIn(start=2.5)
@@ -81,7 +93,7 @@ data:
 
 def test_validates_the_checkpoint_with_configured_callbacks(run, tmp_path, capsys):
     checkpoint, config = run
-    metrics = evaluate(MLLMStandIn, [str(config)], str(checkpoint), datamodule_class=CodesDataModule)
+    metrics = evaluate(MLLMStandIn, [str(config)], str(checkpoint))
     assert metrics["val/offset"] == pytest.approx(2.5), "weights come from the checkpoint, not from __init__"
     assert metrics["val/BLEU_1"] == pytest.approx(1.0) and metrics["val/CIDEr"] > 0  # exact prediction of a reference
     written = json.loads((tmp_path / "results.json").read_text())
@@ -95,22 +107,33 @@ def test_validates_the_checkpoint_with_configured_callbacks(run, tmp_path, capsy
 def test_overrides_and_out_path(run, tmp_path):
     checkpoint, config = run
     out = tmp_path / "elsewhere" / "metrics.json"
-    evaluate(MLLMStandIn, [str(config)], str(checkpoint), out=str(out), overrides=["--data.num_images", "2"],
-             datamodule_class=CodesDataModule)
-    assert json.loads(out.read_text())["metrics"]["val/BLEU_1"] == pytest.approx(1.0)
+    metrics = evaluate(MLLMStandIn, [str(config)], str(checkpoint), "--out", str(out), "--data.num_images", "2")
+    assert metrics["val/BLEU_1"] == pytest.approx(1.0)
     assert len(json.loads((tmp_path / "eval" / "captions_epoch0.json").read_text())) == 2
 
 
-def test_user_errors_are_one_line_config_errors(run, tmp_path):
+def test_user_errors_are_one_line_config_errors_before_the_model_is_built(run, tmp_path):
     checkpoint, config = run
-    with pytest.raises(ConfigError, match="checkpoint"):
-        evaluate(MLLMStandIn, [str(config)], str(tmp_path / "missing.ckpt"), datamodule_class=CodesDataModule)
-    with pytest.raises(ConfigError, match="config file"):
-        evaluate(MLLMStandIn, [str(tmp_path / "missing.yaml")], str(checkpoint), datamodule_class=CodesDataModule)
+    built = []
+
+    class CountedStandIn(MLLMStandIn):
+        def __init__(self, start: float = 0.0):
+            built.append(start)
+            super().__init__(start)
+
+    def error(configs, *options) -> str:
+        with pytest.raises(ConfigError) as raised:
+            SeedCLI(CountedStandIn, CodesDataModule, args=["evaluate", *(f"--config={c}" for c in configs), *options])
+        assert "\n" not in str(raised.value)
+        return str(raised.value)
+
+    assert "missing.ckpt: the file does not exist" in error([config], "--ckpt_path", str(tmp_path / "missing.ckpt"))
+    assert "missing.yaml" in error([tmp_path / "missing.yaml"], "--ckpt_path", str(checkpoint))
     bad = tmp_path / "bad.yaml"
     bad.write_text(config.read_text() + "  no_such_key: 1\n")
-    with pytest.raises(ConfigError):
-        evaluate(MLLMStandIn, [str(bad)], str(checkpoint), datamodule_class=CodesDataModule)
+    assert "no_such_key" in error([bad], "--ckpt_path", str(checkpoint))
+    assert "evaluate needs --ckpt_path" in error([config])
+    assert built == []
 
 
 def test_without_java_the_evaluation_stops_before_the_model_is_built_unless_scoring_is_off(run, tmp_path, no_java):
@@ -123,18 +146,21 @@ def test_without_java_the_evaluation_stops_before_the_model_is_built_unless_scor
             super().__init__(start)
 
     with pytest.raises(ConfigError, match="need Java.*`score: false`"):
-        evaluate(CountedStandIn, [str(config)], str(checkpoint), datamodule_class=CodesDataModule)
+        evaluate(CountedStandIn, [str(config)], str(checkpoint))
     assert built == []
     no_scores = tmp_path / "no-scores.yaml"
     no_scores.write_text(config.read_text().replace("max_new_tokens: 5", "max_new_tokens: 5\n        score: false"))
-    metrics = evaluate(CountedStandIn, [str(no_scores)], str(checkpoint), datamodule_class=CodesDataModule)
+    metrics = evaluate(CountedStandIn, [str(no_scores)], str(checkpoint))
     assert "val/CIDEr" not in metrics and metrics["val/offset"] == pytest.approx(2.5)
     assert json.loads((tmp_path / "eval" / "captions_epoch0.json").read_text())[0]["caption"] == CAPTIONS[0]
 
 
-def test_main_reports_errors_in_one_line(tmp_path, capsys):
-    assert main(["tokenizer", "--ckpt", str(tmp_path / "missing.ckpt"), "--config", "x.yaml"]) == 2
-    assert "error: checkpoint" in capsys.readouterr().err
+def test_the_command_reports_errors_in_one_line(tmp_path, capsys):
+    config = Path(__file__).resolve().parents[1] / "conf" / "tokenizer" / "tiny.yaml"
+    assert main(["tokenizer", "evaluate", "-c", str(config), "--ckpt_path", str(tmp_path / "missing.ckpt")]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"seed-lightning: error: cannot load checkpoint {tmp_path / 'missing.ckpt'}: the file does not exist; "
+        "pass another --ckpt_path (e.g. its .prev.ckpt twin or 'last')")
 
 
 def test_format_table_aligns_columns():

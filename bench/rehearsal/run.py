@@ -11,7 +11,7 @@ paths land there) it builds the hub cache and the data, then runs the paper conf
     stage2     ... -c conf/tokenizer/seed_v1-codebook.yaml  (generation loss: SD's text encoder)
     extract    torchrun --nproc_per_node N -m seed_lightning.cli extract-tokens  (train, then val)
     mllm       seed-lightning mllm fit -c conf/mllm/seed_opt2.7b.yaml  (validation with its callbacks)
-    evaluate   python -m seed_lightning.evaluate mllm --ckpt .../last.ckpt  (every device)
+    evaluate   seed-lightning mllm evaluate -c conf/mllm/seed_opt2.7b.yaml --ckpt_path .../last.ckpt  (every device)
     generate   seed-lightning generate "CAPTION" -o generated.png --sd CompVis/stable-diffusion-v1-4
 
 Each stage gets only data paths, step counts, batch sizes (and, on CPU, the device settings) overridden, in an
@@ -22,6 +22,7 @@ stage that fails does not stop the others; a stage whose inputs are missing is r
 import argparse
 import copy
 import datetime
+import functools
 import json
 import os
 import platform
@@ -125,17 +126,18 @@ class Stage:
 
 
 # ---- configs ------------------------------------------------------------------------------------
-def load_layered(paths: list[Path]) -> dict:
-    """The YAML files merged as LightningCLI layers them: mappings merge key by key, later files win, lists are replaced."""
-    def merge(base: dict, update: dict) -> dict:
-        for key, value in update.items():
-            base[key] = merge(base[key], value) if isinstance(value, dict) and isinstance(base.get(key), dict) else value
-        return base
+def effective(command: str, paths: list[Path]) -> dict:
+    """The settings `seed-lightning COMMAND fit -c PATH...` runs with: the files layered, the CLI's defaults and the
+    values it derives (the logger and checkpoint folders) included."""
+    return json.loads(_effective(command, tuple(paths)))
 
-    merged: dict = {}
-    for path in paths:
-        merge(merged, yaml.safe_load(Path(path).read_text()) or {})
-    return merged
+
+@functools.cache
+def _effective(command: str, paths: tuple[Path, ...]) -> str:
+    from seed_lightning.cli import product_class
+    from seed_lightning.lightning_cli import effective_config
+
+    return json.dumps(effective_config(product_class(command), ["fit", *(f"--config={path}" for path in paths)]))
 
 
 def flatten(overlay: dict, prefix: str = "") -> list[str]:
@@ -151,13 +153,9 @@ def flatten(overlay: dict, prefix: str = "") -> list[str]:
 
 
 def logger_dir(config: dict) -> Path:
-    """save_dir/name/version of the config's TensorBoardLogger."""
+    """save_dir/name/version/sub_dir of the config's TensorBoardLogger."""
     init = config["trainer"]["logger"]["init_args"]
-    return Path(init["save_dir"]) / init.get("name", "") / str(init.get("version") or "")
-
-
-def _callback(config: dict, class_name: str) -> dict | None:
-    return next((c for c in config["trainer"].get("callbacks", []) if c["class_path"].endswith("." + class_name)), None)
+    return Path(init["save_dir"], init.get("name") or "", str(init.get("version") or ""), init.get("sub_dir") or "")
 
 
 def training_overlay(settings: Settings, batch_size: int, train_urls: str | None = None) -> dict:
@@ -219,17 +217,18 @@ def cli(settings: Settings, *args: str) -> list[str]:
     return [settings.python, "-m", "seed_lightning.cli", *args]
 
 
-def config_args(configs: list[Path], overlay_file: Path, flag: str = "-c") -> list[str]:
-    return [part for path in [*configs, overlay_file] for part in (flag, str(path))]
+def config_args(configs: list[Path], overlay_file: Path) -> list[str]:
+    return [part for path in [*configs, overlay_file] for part in ("-c", str(path))]
 
 
 def plan(settings: Settings, notes: dict[str, list[str]]) -> list[Stage]:
     sizes, work, py = settings.sizes, settings.work, settings.python
     world = settings.devices
-    stage1, stage2, mllm = load_layered(STAGE1_CONFIGS), load_layered(STAGE2_CONFIGS), load_layered(MLLM_CONFIGS)
+    stage1, stage2 = effective("tokenizer", STAGE1_CONFIGS), effective("tokenizer", STAGE2_CONFIGS)
+    mllm = effective("mllm", MLLM_CONFIGS)
     stage1_ckpt = stage2["model"]["init_args"]["init_from"]
     tokenizer = stage2["model"]["init_args"]["export_dir"]
-    mllm_ckpt_dir = Path(_callback(mllm, "ModelCheckpoint")["init_args"]["dirpath"])
+    mllm_ckpt_dir = Path(mllm["checkpoint"]["dirpath"])
     mllm_export = Path(mllm["model"]["export_dir"])
     train_urls = rehearsal_data.train_shard_pattern(sizes.num_train)
     val_urls = stage1["data"]["val"]
@@ -260,7 +259,7 @@ def plan(settings: Settings, notes: dict[str, list[str]]) -> list[Stage]:
 
     def mllm_finish(result: StageResult) -> None:
         fit_rate(logger_dir(mllm), sizes.mllm_batch)(result)
-        per_rank = [value for _, _, value in scalar_events(work / logger_dir(mllm), "train/tokens_per_sec")]
+        per_rank = [value for _, _, value in scalar_events(work / logger_dir(mllm), "throughput/tokens_per_sec")]
         if len(per_rank) > 2:
             tokens = statistics.median(per_rank[2:]) * world
             result.throughput = f"{tokens:,.0f} tok/s (rank 0's median x {world}); " + result.throughput
@@ -315,8 +314,8 @@ def plan(settings: Settings, notes: dict[str, list[str]]) -> list[Stage]:
               needs=[(Path(TRAIN_TOKENS[0]), "extract"), (Path(VAL_TOKENS[0]), "extract"), (Path(tokenizer), "stage2")],
               cleans=[str(Path(mllm["trainer"]["default_root_dir"]))], overlay=overlays["mllm"], finish=mllm_finish),
         Stage("evaluate", f"evaluate mllm ({world} devices)",
-              [[py, "-m", "seed_lightning.evaluate", "mllm", "--ckpt", str(mllm_ckpt_dir / "last.ckpt"),
-                *config_args(MLLM_CONFIGS, overlay_file["evaluate"], flag="--config")]],
+              [cli(settings, "mllm", "evaluate", *config_args(MLLM_CONFIGS, overlay_file["evaluate"]),
+                   "--ckpt_path", str(mllm_ckpt_dir / "last.ckpt"))],
               needs=[(mllm_ckpt_dir / "last.ckpt", "mllm")], cleans=[str(mllm_ckpt_dir / "results.json")],
               overlay=overlays["evaluate"], finish=evaluate_finish),
         Stage("generate", "text-to-image (SD pipeline)",
@@ -459,7 +458,7 @@ def main(argv: list[str] | None = None) -> int:
     notes: dict[str, list[str]] = {}
     stages = plan(settings, notes)
     overrides = {}
-    mllm_config = load_layered(MLLM_CONFIGS)
+    mllm_config = effective("mllm", MLLM_CONFIGS)
     for stage in stages:
         if stage.overlay is not None:
             path = settings.work / "overrides" / f"{stage.name}.yaml"

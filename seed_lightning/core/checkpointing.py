@@ -250,16 +250,18 @@ def last_checkpoints(checkpoint_dir: str | os.PathLike) -> list[Path]:
     return sorted((p for p in directory.iterdir() if _LAST_NAME.fullmatch(p.name)), key=newest_first)
 
 
-def checked_ckpt_path(ckpt_path: str) -> str:
+def checked_ckpt_path(ckpt_path: str, training_state: bool = True) -> str:
     """An explicit `ckpt_path` (not "last"), checked: Lightning's keywords ("best", "hpc", "registry...") and
     remote URLs unchanged, a file that passes `checkpoint_problem` as it is, else ConfigError naming the
-    file and the problem. The verdict is remembered, so checking the same file again reads nothing."""
+    file and the problem. With `training_state=False` (validation) weights alone are enough. The verdict is
+    remembered, so checking the same file again reads nothing."""
     if ckpt_path.startswith(_LIGHTNING_KEYWORDS) or _is_remote(ckpt_path):
         return ckpt_path
     problem = _remembered_problem(Path(ckpt_path))
-    if problem is not None:
+    if problem is not None and (training_state or problem != _WEIGHTS_ONLY):
+        action = "resume from" if training_state else "load"
         raise ConfigError(
-            f"cannot resume from checkpoint {ckpt_path}: {problem}; pass another --ckpt_path"
+            f"cannot {action} checkpoint {ckpt_path}: {problem}; pass another --ckpt_path"
             " (e.g. its .prev.ckpt twin or 'last')"
         )
     return str(ckpt_path)

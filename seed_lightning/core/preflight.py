@@ -334,6 +334,10 @@ def format_cli_error(exc: BaseException, parser: Any | None = None) -> str:
     valid keys; without it only keys of `class_path` objects and subcommand names can be suggested.
     """
     message = str(exc)
+    link = re.search(r"argument \w*\(([\w.]+)\) --> ([\w.]+):", message)
+    if link:  # a value given for an argument that another one decides
+        source, target = link.groups()
+        return f"{target} follows {source} and cannot be set; set {source} instead"
     keys = parser_keys(parser) if parser is not None else []
     class_option = re.search(r"class_path '([\w.]+)':\s*(?:Option|Key) '([^']+)' is not accepted", message)
     if class_option:

@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 from seed_lightning.core.data.shards import SkipSample, decode_image_sample, expand_urls, index_tar, iter_tar_samples
 from seed_lightning.core.distributed import RankInfo, rank_info
-from seed_lightning.core.errors import ConfigError, DataError
+from seed_lightning.core.errors import ConfigError
 from seed_lightning.core.io import write_json_atomic
 from seed_lightning.core.pretrained import WEIGHTS_FILE
 from seed_lightning.mllm.tokens import ExtractionSummary, extract_tokens
@@ -155,7 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str]) -> int:
+def main(argv: list[str]) -> None:
+    """`seed-lightning extract-tokens ARGV`."""
     args = build_parser().parse_args(argv)
     if args.batch_size < 1 or args.maxcount < 1:
         raise ConfigError("--batch-size and --maxcount must be >= 1")
@@ -163,12 +164,3 @@ def main(argv: list[str]) -> int:
                             args.device, progress=not args.no_progress, replace_stale=args.replace_stale)
     print(f"{summary.num_samples} samples in {len(summary.shards)} token shards under {args.out} "
           f"({summary.num_resumed} already done before this run)")
-    return 0
-
-
-if __name__ == "__main__":
-    try:
-        sys.exit(main(sys.argv[1:]))
-    except (ConfigError, DataError) as error:
-        print(f"extract-tokens: error: {error}", file=sys.stderr)
-        sys.exit(2)

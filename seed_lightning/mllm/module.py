@@ -16,7 +16,6 @@ metrics (captions, VQA, images) come from callbacks that use `self.mllm` and `se
 """
 
 import logging
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +28,7 @@ from seed_lightning.core.frozen import FrozenDtype, resolve_frozen_dtype
 from seed_lightning.core.optim import AdamWModule, OptimConfig
 from seed_lightning.core.preflight import check_files, check_folder, check_pretrained
 from seed_lightning.core.pretrained import WEIGHTS_FILE
+from seed_lightning.core.throughput import linear_flops_per_token
 from seed_lightning.mllm.loss import chunked_token_losses
 from seed_lightning.mllm.model import MultimodalLM, MultimodalLMConfig
 from seed_lightning.mllm.packing import IGNORE_INDEX, PackedBatch
@@ -145,7 +145,6 @@ class MLLMModule(AdamWModule):
         )
         """What the DataLoader workers build this module's rows with (see `setup`)."""
         self.val_means = torch.nn.ModuleDict({name: ValSetMean() for name in ("caption_loss", "image_loss", "loss")})
-        self._batch_started: float | None = None
         self._prepared = False
 
     # ---- construction -------------------------------------------------------------------------
@@ -241,10 +240,6 @@ class MLLMModule(AdamWModule):
             num_image=num_image,
         )
 
-    # ---- Lightning hooks ----------------------------------------------------------------------
-    def on_train_batch_start(self, batch: dict, batch_idx: int) -> None:
-        self._batch_started = time.perf_counter()
-
     @staticmethod
     def _rows(batch: dict, name: str) -> PackedBatch:
         if name not in batch:
@@ -252,11 +247,19 @@ class MLLMModule(AdamWModule):
                               "(ShardDataModule connected in setup, or loaders that yield RowBuilder batches)")
         return batch[name]
 
+    # ---- what ThroughputCallback (core/throughput.py) measures --------------------------------------
     def throughput_counts(self, batch: dict) -> tuple[int, int]:
         """Samples and non-pad tokens of a train batch (for `seed_lightning.core.throughput.ThroughputCallback`)."""
         rows = batch[ROWS]
         return rows.num_samples, rows.num_tokens
 
+
+    def flops_per_token(self) -> float:
+        """Model FLOPs of one training step per token: 6N per trainable and 4N per frozen nn.Linear weight (LoRA
+        adapters and the LM head included; attention scores and embedding lookups left out)."""
+        return linear_flops_per_token(self.mllm.model)[0]
+
+    # ---- Lightning hooks ----------------------------------------------------------------------
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         rows = self._rows(batch, ROWS)
         losses = self.batch_losses(rows)
@@ -270,14 +273,6 @@ class MLLMModule(AdamWModule):
         if rows.num_truncated:
             self.log("train/truncated_samples", float(rows.num_truncated), batch_size=batch_size)
         return losses.loss
-
-    def on_train_batch_end(self, outputs, batch: dict, batch_idx: int) -> None:
-        if self._batch_started is not None:
-            seconds = time.perf_counter() - self._batch_started
-            rows = batch[ROWS]
-            # Useful (non-pad target) tokens over the whole step: forward, backward and optimiser.
-            tokens = rows.num_text_targets + rows.num_image_targets
-            self.log("train/tokens_per_sec", tokens / max(seconds, 1e-9), prog_bar=True, batch_size=rows.num_samples)
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         captioning_rows = self._rows(batch, CAPTIONING_ROWS)

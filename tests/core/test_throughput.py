@@ -7,7 +7,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from seed_lightning.core.errors import ConfigError
-from seed_lightning.core.throughput import ThroughputCallback, default_counts
+from seed_lightning.core.throughput import ThroughputCallback, default_counts, linear_flops_per_token
 
 STEP_SECONDS = 0.02
 BATCH = 4
@@ -38,10 +38,10 @@ def batches(count: int) -> list[dict]:
     return [{"x": torch.randn(BATCH, 2), "mask": mask} for _ in range(count)]
 
 
-def fit(module, callback, steps: int, tmp_path, logger=False):
-    trainer = L.Trainer(accelerator="cpu", max_steps=steps, logger=logger, enable_checkpointing=False,
+def fit(module, callback, steps: int, tmp_path, logger=False, epochs: int = 1, log_every_n_steps: int = 1):
+    trainer = L.Trainer(accelerator="cpu", max_steps=steps * epochs, logger=logger, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, callbacks=[callback],
-                        default_root_dir=tmp_path, log_every_n_steps=1)
+                        default_root_dir=tmp_path, log_every_n_steps=log_every_n_steps)
     trainer.fit(module, torch.utils.data.DataLoader(batches(steps), batch_size=None))
 
 
@@ -69,12 +69,42 @@ def test_logs_to_tensorboard(tmp_path):
     assert len(events.Scalars("throughput/samples_per_sec")) == 2
 
 
-def test_without_hooks_counts_rows_and_logs_no_mfu(tmp_path):
-    callback = ThroughputCallback(peak_flops=1e9, log_every_n_steps=2, skip_first_steps=0)
-    fit(SleepyModule(with_hooks=False), callback, steps=3, tmp_path=tmp_path)
-    (point,) = callback.history
-    assert point["tokens_per_sec"] == point["samples_per_sec"]
-    assert "mfu" not in point and "flops_per_sec" not in point
+class ShrinkingModule(SleepyModule):
+    """No hooks; in the first epoch a step runs one more trainable layer than in the later ones."""
+
+    def __init__(self):
+        super().__init__(with_hooks=False)
+        self.first = torch.nn.Linear(2, 2)
+
+    def training_step(self, batch, batch_idx):
+        x = self.first(batch["x"]) if self.current_epoch == 0 else batch["x"]
+        return super().training_step({"x": x}, batch_idx)
+
+
+def test_without_hooks_counts_rows_and_measures_the_flops_of_each_epoch(tmp_path):
+    callback = ThroughputCallback(peak_flops=1e3, log_every_n_steps=2, skip_first_steps=1)
+    fit(ShrinkingModule(), callback, steps=5, epochs=2, tmp_path=tmp_path)
+    # Matmul FLOPs per sample, forward and backward as autograd runs them (2 per multiply-add): epoch 0,
+    # Linear(2, 2) forward 8 + weight gradient 8 (the input needs none), then Linear(2, 1) forward 4 + weight
+    # gradient 4 + input gradient 4; later epochs, Linear(2, 1) alone: 4 + 4.
+    flops_per_sample = [point["flops_per_sec"] / point["samples_per_sec"] for point in callback.history]
+    assert flops_per_sample == pytest.approx([28, 28, 8, 8])  # the first batch of each epoch is measured, not timed
+    for point in callback.history:
+        assert point["tokens_per_sec"] == point["samples_per_sec"]
+        assert point["mfu"] == pytest.approx(point["flops_per_sec"] / 1e3)
+
+
+def test_the_window_follows_the_trainers_log_every_n_steps(tmp_path):
+    callback = ThroughputCallback(skip_first_steps=0)
+    fit(SleepyModule(), callback, steps=7, tmp_path=tmp_path, log_every_n_steps=3)
+    assert len(callback.history) == 2  # windows end at batches 3 and 6 (the first batch opens the window)
+    assert "mfu" not in callback.history[0] and "flops_per_sec" in callback.history[0]
+
+
+def test_linear_flops_per_token_counts_6n_for_trainable_and_4n_for_frozen_weights():
+    model = torch.nn.Sequential(torch.nn.Linear(3, 5), torch.nn.GELU(), torch.nn.Linear(5, 2))
+    model[0].requires_grad_(False)
+    assert linear_flops_per_token(model) == (4 * 15 + 6 * 10, 25)
 
 
 def test_default_counts():

@@ -1,4 +1,4 @@
-"""The evaluation callbacks under DDP: `seed_lightning.evaluate` on 2 CPU processes (gloo) reports the same
+"""The evaluation callbacks under DDP: `seed-lightning ... evaluate` on 2 CPU processes (gloo) reports the same
 numbers and writes the same files as on 1 process, with every callback: caption metrics, VQA accuracy, CLIP
 score and its image grid (MLLM), retrieval and reconstruction CLIP similarity with its grid (tokenizer).
 

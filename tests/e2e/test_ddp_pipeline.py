@@ -52,15 +52,10 @@ def test_tiny_pipeline_on_two_cpu_processes(default_world, tmp_path):
     assert sorted(path.name for path in tokens.glob("val-*.tar")) == ["val-rank0-000000.tar", "val-rank1-000000.tar"]
 
     mllm = tmp_path / "mllm"
-    checkpoint = f"""\
-    - class_path: lightning.pytorch.callbacks.ModelCheckpoint
-      init_args: {{dirpath: {mllm}/checkpoints, save_last: true}}"""
-    (tmp_path / "mllm.yaml").write_text(mllm_overlay(str(tokenizer), tokens, NUM_CODES, val_batch_size=8,
-                                                     callbacks=checkpoint))
+    (tmp_path / "mllm.yaml").write_text(mllm_overlay(str(tokenizer), tokens, NUM_CODES, val_batch_size=8))
     configs = ["conf/mllm/tiny.yaml", tmp_path / "mllm.yaml"]
     run_ok([*CLI, "mllm", "fit", *(f"--config={config}" for config in configs), "--trainer.max_epochs", "1",
-            *no_sanity_check, "--trainer.default_root_dir", str(mllm),
-            "--trainer.logger.init_args.save_dir", str(mllm), "--data.batch_size", "32",
+            *no_sanity_check, "--trainer.default_root_dir", str(mllm), "--data.batch_size", "32",
             "--data.samples_per_epoch", "3072"], tmp_path / "mllm.log", devices=2)  # 48 steps
     for tag in ("val/caption_loss", "val/CIDEr", "val/vqa_acc", "val/clip_score"):
         assert scalars(mllm / "logs", tag), tag

@@ -14,9 +14,7 @@ STEPS, KILL_AT = 10, 7  # 6 batches an epoch: the kill lands mid-epoch 2
 
 
 def overlay(run_dir: Path, kill_at: int | None) -> str:
-    callbacks = f"""
-    - class_path: lightning.pytorch.callbacks.ModelCheckpoint
-      init_args: {{dirpath: {run_dir}/checkpoints, save_last: true, every_n_train_steps: 1}}"""
+    callbacks = ""
     if kill_at is not None:
         callbacks += f"""
     - class_path: sigkill_callback.SigkillAt
@@ -31,10 +29,8 @@ trainer:
   deterministic: true
   default_root_dir: {run_dir}
   enable_progress_bar: false
-  logger:
-    class_path: lightning.pytorch.loggers.TensorBoardLogger
-    init_args: {{save_dir: {run_dir}, name: tb, version: ""}}
   callbacks:{callbacks}
+checkpoint: {{monitor: null, every_n_train_steps: 1}}
 data:
   batch_size: 16
   samples_per_epoch: 96
@@ -59,7 +55,7 @@ def logged_losses(run_dir: Path) -> dict[int, float]:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     losses: dict[int, float] = {}
-    for events in sorted((run_dir / "tb").glob("events.out.tfevents.*"), key=os.path.getmtime):
+    for events in sorted(run_dir.glob("events.out.tfevents.*"), key=os.path.getmtime):
         accumulator = EventAccumulator(str(events))
         accumulator.Reload()
         if "train/loss" in accumulator.Tags()["scalars"]:

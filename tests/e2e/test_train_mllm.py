@@ -56,8 +56,8 @@ def test_extract_train_export_and_use(tmp_path, monkeypatch, capsys):
     config["trainer"]["max_epochs"] = 3
     config["trainer"]["enable_progress_bar"] = False
     generation = ("CaptionMetricsCallback", "VQAAccuracyCallback", "CLIPScoreCallback")
-    config["trainer"]["callbacks"] = [c for c in config["trainer"]["callbacks"]
-                                      if c["class_path"].rpartition(".")[2] not in generation]
+    config["trainer"]["callbacks+"] = [c for c in config["trainer"]["callbacks+"]
+                                       if c["class_path"].rpartition(".")[2] not in generation]
     model = config["model"]
     model["tokenizer"] = tokenizer
     model["model"]["pretrained"] = str(MODELS / "tiny-opt")
@@ -73,7 +73,7 @@ def test_extract_train_export_and_use(tmp_path, monkeypatch, capsys):
     assert len(caption_losses) == 3
     assert caption_losses[0] < math.log(len(MultimodalLM.load(EXPORT / "merged").tokenizer))
     assert caption_losses[-1] < caption_losses[0] - 0.2, caption_losses
-    assert scalars(tmp_path / "checkpoints" / "mllm-tiny" / "logs", "train/tokens_per_sec")
+    assert scalars(tmp_path / "checkpoints" / "mllm-tiny" / "logs", "throughput/tokens_per_sec")
     saved = json.loads((EXPORT / "merged" / "seed_mllm.json").read_text())
     assert saved["weights"] == "full" and saved["config"]["num_visual_codes"] == NUM_CODES
     assert (tmp_path / "checkpoints" / "mllm-tiny" / "checkpoints" / "last.ckpt").is_file()
@@ -114,8 +114,9 @@ def test_a_tokenizer_of_16_queries_extracts_and_trains_on_16_codes_per_image(tmp
                      "--prefix", "train", "--no-progress", "--device", "cpu"]) == 0
 
     config = {
-        "trainer": {"accelerator": "cpu", "devices": 1, "max_steps": 2, "logger": False, "enable_checkpointing": False,
-                    "enable_progress_bar": False, "callbacks": [{"class_path": f"{__name__}.RecordBatches"}]},
+        "trainer": {"accelerator": "cpu", "devices": 1, "max_steps": 2, "logger": False, "enable_progress_bar": False,
+                    "callbacks": [{"class_path": f"{__name__}.RecordBatches"}]},
+        "checkpoint": {"save_top_k": 0, "save_last": False},
         "model": {"tokenizer": tokenizer, "max_length": 64,
                   "model": {"pretrained": str(MODELS / "tiny-opt"), "num_visual_codes": NUM_CODES,
                             "tokens_per_image": 16, "lora": None}},

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from seed_lightning.core.data.datamodule import ShardDataModule
 from seed_lightning.tokenizer.model import SeedTokenizer
@@ -15,8 +16,8 @@ from tests.cli_runs import CLI, run_ok
 
 
 def overlay(run: Path, stage: str, callbacks: str = "", data: str = "") -> str:
-    """The stage's outputs under `run`; `callbacks` (YAML list items) join the checkpoint callback, `data` (indented
-    YAML lines) overrides data keys."""
+    """The stage's outputs under `run`; `callbacks` (YAML list items) are the trainer's callbacks besides the
+    checkpoint callback, `data` (indented YAML lines) overrides data keys."""
     stage_dir = run / stage
     extra = ""
     if stage == "codebook":
@@ -31,12 +32,7 @@ trainer:
   {"max_epochs: 1" if stage == "codebook" else ""}
   default_root_dir: {stage_dir}
   enable_progress_bar: false
-  logger:
-    class_path: lightning.pytorch.loggers.TensorBoardLogger
-    init_args: {{save_dir: {run}, name: {stage}, version: ""}}
   callbacks:
-    - class_path: lightning.pytorch.callbacks.ModelCheckpoint
-      init_args: {{dirpath: {stage_dir}/checkpoints, save_last: true}}
 {callbacks}
 {"data:" if data else ""}
 {data}""" + extra
@@ -79,6 +75,10 @@ def val_retrieval(tokenizer: SeedTokenizer, world) -> dict[str, float]:
 def test_tiny_default_tokenizer_learns(default_world, tmp_path):
     fit(tmp_path, "contrastive")
     fit(tmp_path, "codebook")
+    for stage in ("contrastive", "codebook"):  # the speed meter every run has: images/s and measured FLOP/s
+        events = EventAccumulator(str(tmp_path / stage))
+        events.Reload()
+        assert {"throughput/samples_per_sec", "throughput/flops_per_sec"} <= set(events.Tags()["scalars"]), stage
     tokenizer = SeedTokenizer.load(tmp_path / "seed_tokenizer").eval()
     recall = val_retrieval(tokenizer, default_world)
     chance = 100 / 256  # percent: one right image among the 256 val images

@@ -282,11 +282,9 @@ def mllm_run(default_world, tmp_path, monkeypatch):
     def write(callbacks: dict | None = None, **model) -> list[str]:
         config = yaml.safe_load((default_world.repo / "conf" / "mllm" / "tiny.yaml").read_text())
         config["trainer"].update(default_root_dir=str(tmp_path / "run"), logger=False)
-        kept = [c for c in config["trainer"]["callbacks"] if "ModelCheckpoint" not in c["class_path"]]
-        for callback in kept:
+        for callback in config["trainer"]["callbacks+"]:
             name = callback["class_path"].rpartition(".")[2]
             callback.setdefault("init_args", {}).update((callbacks or {}).get(name, {}))
-        config["trainer"]["callbacks"] = kept
         config["model"].update({"tokenizer": tokenizer, **model})
         config["model"]["model"]["num_visual_codes"] = NUM_CODES
         config["data"].update(train=[{"urls": shard}], val=shard)

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from seed_lightning.core.errors import ConfigError
 from seed_lightning.core.optim import build_optimizer
+from seed_lightning.core.throughput import ThroughputCallback, linear_flops_per_token
 from seed_lightning.mllm.model import LoraSettings, MultimodalLMConfig
 from seed_lightning.mllm.module import SEED_TOKENIZER_PREFIX, MLLMModule
 from seed_lightning.mllm.packing import IGNORE_INDEX, PackedBatch
@@ -232,6 +233,19 @@ def test_interrupted_and_resumed_fit_reproduces_the_uninterrupted_losses(tmp_pat
         return fit_recording(trainer, lambda t: t.fit(module, datamodule=data, ckpt_path=ckpt_path))
 
     assert_resume_reproduces(run, tmp_path)
+
+
+def test_the_throughput_meter_counts_the_tokens_of_the_rows_and_the_stated_flops(tmp_path):
+    module = make_module(LoraSettings(r=4, alpha=8, dropout=0.0), max_length=128)
+    meter = ThroughputCallback(log_every_n_steps=2, skip_first_steps=0)
+    trainer = L.Trainer(accelerator="cpu", max_steps=3, limit_val_batches=0, logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, enable_checkpointing=False, callbacks=[meter])
+    trainer.fit(module, datamodule=token_data(token_shard(tmp_path / "tokens"), batch_size=4, samples_per_epoch=12))
+    (point,) = meter.history
+    assert point["tokens_per_sec"] >= 35 * point["samples_per_sec"]  # each sample: BOS, 32 codes, 2 markers, text
+    assert point["flops_per_sec"] == pytest.approx(point["tokens_per_sec"] * module.flops_per_token())
+    _, weights = linear_flops_per_token(module.mllm.model)
+    assert 4 * weights < module.flops_per_token() < 6 * weights  # the frozen base weights count 4N, LoRA 6N
 
 
 def set_up(module: MLLMModule, precision: str, strategy=None) -> MLLMModule:

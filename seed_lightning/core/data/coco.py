@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from seed_lightning.core.data.shards import IMAGE_ERRORS
 from seed_lightning.core.data.transforms import to_rgb
-from seed_lightning.core.errors import ConfigError, DataError
+from seed_lightning.core.errors import ConfigError, DataError, run_command
 
 KARPATHY_SPLITS = ("train", "restval", "val", "test")
 KEPT_FORMATS = {"JPEG": "jpg", "MPO": "jpg", "PNG": "png", "WEBP": "webp"}
@@ -255,15 +255,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--maxcount", type=int, default=10_000, help="samples per shard")
     parser.add_argument("--split", default=None, help="Karpathy splits to keep, comma-separated (e.g. train,restval)")
     args = parser.parse_args(argv)
-    try:
+
+    def convert() -> None:
         report = coco_to_shards(
             args.image_dir, args.annotations, args.out_dir, args.prefix, args.per_image, args.maxcount, args.split, True
         )
-    except (ConfigError, DataError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    print(report.summary())
-    return 0
+        print(report.summary())
+
+    return run_command(parser.prog, convert)
 
 
 if __name__ == "__main__":

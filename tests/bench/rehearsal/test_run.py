@@ -18,10 +18,11 @@ def settings(tmp_path: Path, accelerator: str = "gpu", scale: str = "full") -> S
                     python=sys.executable, stages=list(run.STAGES), steps=8, timeout_s=30, sizes=run.SCALES[scale])
 
 
+@pytest.mark.slow  # parses the paper configs with the CLI
 @pytest.mark.parametrize("accelerator, allowed", [("gpu", GPU_KEYS), ("cpu", GPU_KEYS | CPU_KEYS)])
 def test_overlays_change_only_paths_steps_and_batch_sizes(tmp_path, accelerator, allowed):
     stages = run.plan(settings(tmp_path, accelerator), {})
-    mllm_config = run.load_layered(run.MLLM_CONFIGS)
+    mllm_config = run.effective("mllm", run.MLLM_CONFIGS)
     overlays = {stage.name: stage.overlay for stage in stages if stage.overlay is not None}
     assert sorted(overlays) == ["evaluate", "mllm", "stage1", "stage2"]
     for overlay in overlays.values():
@@ -30,9 +31,10 @@ def test_overlays_change_only_paths_steps_and_batch_sizes(tmp_path, accelerator,
     assert run.callback_changes(mllm_config, overlays["mllm"]) == ["trainer.callbacks[CLIPScoreCallback].num_images: 8"]
 
 
+@pytest.mark.slow  # parses the paper MLLM config with the CLI
 def test_without_java_caption_metrics_are_switched_off_not_left_out(tmp_path, monkeypatch):
     monkeypatch.setattr(run.shutil, "which", lambda name: None)
-    config = run.load_layered(run.MLLM_CONFIGS)
+    config = run.effective("mllm", run.MLLM_CONFIGS)
     notes = []
     overlay = run.mllm_overlay(settings(tmp_path), config, notes)
     assert "trainer.callbacks[CaptionMetricsCallback].score: False" in run.callback_changes(config, overlay)
