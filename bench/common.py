@@ -15,6 +15,7 @@ from types import SimpleNamespace
 
 import lightning as L
 import torch
+from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 # The benches run from a checkout: make `seed_lightning` importable without installing it.
