@@ -1,10 +1,12 @@
 """CodebookModule: stage 2 of the SEED tokenizer.
 
-ViT + Causal Q-Former frozen (their causal embeddings cached on disk after the first visit, `EmbeddingCache`);
-trains the codebook, its task layers and both heads with vq_weight * L_vq + recon_weight * L_recon +
-gen_weight * L_gen. It starts from stage 1's checkpoint or exported tokenizer (`init_from`).
+ViT + Causal Q-Former frozen, and so is L_gen's target, the SD text encoder: their outputs (causal embeddings
+per image, 77 x D text embeddings per caption) are cached on disk after the first visit (`EmbeddingCache`), so
+later epochs run neither tower. It trains the codebook, its task layers and both heads with vq_weight * L_vq +
+recon_weight * L_recon + gen_weight * L_gen, starting from stage 1's checkpoint or exported tokenizer (`init_from`).
 """
 
+import hashlib
 import logging
 from pathlib import Path
 from typing import Literal
@@ -48,8 +50,11 @@ class CodebookModule(TokenizerModule):
             codebook_init: "uniform" keeps the reference U(-1/K, 1/K) codebook init; "data" sets the rows
                 to encoder outputs of the first batch (rank 0's, broadcast), which avoids most
                 dead codes when data is small.
-            cache_embeddings: cache the frozen causal embeddings on disk and reuse them.
-            cache_dir: where the cache lives (default: <run dir>/embedding_cache).
+            cache_embeddings: cache the frozen towers' outputs on disk and reuse them: the causal embeddings
+                (32 x 768 fp16, 48 KiB per image) and, with L_gen, the SD text encoder's (77 x 768 fp16,
+                118 KiB per distinct caption).
+            cache_dir: where the cache lives (default: <run dir>/embedding_cache; L_gen targets in its
+                `generation_targets/`).
             **kwargs: the arguments of `TokenizerModule` (model, text_tokenizer, init_from, optim, ...).
         """
         super().__init__(**kwargs)
@@ -69,6 +74,7 @@ class CodebookModule(TokenizerModule):
         # A buffer, so a resumed run does not initialise the codebook a second time.
         self.register_buffer("codebook_initialized", torch.tensor(codebook_init == "uniform"))
         self._cache: EmbeddingCache | None = None
+        self._target_cache: EmbeddingCache | None = None
         self.val_means = torch.nn.ModuleDict({name: ValSetMean() for name in LOSSES})
         self._codebook_needs_init = False
 
@@ -105,12 +111,22 @@ class CodebookModule(TokenizerModule):
         urls = batch.get("url") or [""] * len(batch["key"])
         return [f"{url}#{key}" for url, key in zip(urls, batch["key"])]
 
+    @staticmethod
+    def _caption_keys(captions: list[str]) -> list[str]:
+        # The L_gen target depends on the caption text alone: images that share a caption share its row.
+        return [hashlib.sha1(caption.encode()).hexdigest() for caption in captions]
+
     def transfer_batch_to_device(self, batch: dict, device: torch.device, dataloader_idx: int) -> dict:
-        """Training batches whose embeddings are all cached travel without their pixels."""
+        """Training batches whose embeddings are all cached travel without their pixels, and with their cached
+        L_gen targets."""
         if self._cache is not None and self.trainer.training and "pixel_values" in batch:
             cached = self._cache.get(self._cache_keys(batch))
             if cached is not None:
                 batch = {**{k: v for k, v in batch.items() if k != "pixel_values"}, "causal_embeds": cached}
+        if self._target_cache is not None and self.trainer.training:
+            targets = self._target_cache.get(self._caption_keys(batch["caption"]))
+            if targets is not None:
+                batch = {**batch, "generation_targets": targets}
         return super().transfer_batch_to_device(batch, device, dataloader_idx)
 
     def _causal_embeddings(self, batch: dict) -> torch.Tensor:
@@ -123,20 +139,37 @@ class CodebookModule(TokenizerModule):
             self._cache.put(self._cache_keys(batch), causal)
         return causal.float()
 
+    def _generation_targets(self, batch: dict) -> torch.Tensor:
+        """L_gen targets: from the disk cache when the batch brought them, else the SD text encoder's (cached)."""
+        if "generation_targets" in batch:
+            return batch["generation_targets"].float()
+        target = self.generation_target(batch["caption"]).to(self.device)
+        if self._target_cache is not None and self.trainer.training:
+            self._target_cache.put(self._caption_keys(batch["caption"]), target)
+        return target.float()
+
+    def _caches(self) -> list[EmbeddingCache]:
+        return [cache for cache in (self._cache, self._target_cache) if cache is not None]
+
     def on_fit_start(self) -> None:
         if self.hparams.cache_embeddings:
-            directory = self.hparams.cache_dir or Path(self.trainer.default_root_dir) / "embedding_cache"
+            directory = Path(self.hparams.cache_dir or Path(self.trainer.default_root_dir) / "embedding_cache")
             self._cache = EmbeddingCache(directory, rank=self.global_rank)
+            if self.generation_target is not None:
+                self._target_cache = EmbeddingCache(directory / "generation_targets", rank=self.global_rank)
 
     def on_train_epoch_end(self) -> None:
-        if self._cache is not None:
-            self._cache.flush()
+        caches = self._caches()
+        for cache in caches:
+            cache.flush()
+        if caches:
             self.trainer.strategy.barrier()
-            self._cache.refresh()
+        for cache in caches:
+            cache.refresh()
 
     def on_fit_end(self) -> None:
-        if self._cache is not None:
-            self._cache.flush()
+        for cache in self._caches():
+            cache.flush()
         super().on_fit_end()
 
     # ---- the objective ------------------------------------------------------------------------
@@ -154,7 +187,7 @@ class CodebookModule(TokenizerModule):
         quantizer.embedding.weight.copy_(weight.to(quantizer.embedding.weight.dtype))
         self.codebook_initialized.fill_(True)
 
-    def _losses(self, causal: torch.Tensor, captions: list[str]) -> dict[str, torch.Tensor]:
+    def _losses(self, causal: torch.Tensor, batch: dict) -> dict[str, torch.Tensor]:
         t = self.tokenizer
         quantized = t.quantize(causal)
         decoded = t.decode_task_layer(quantized.z_q)
@@ -164,8 +197,8 @@ class CodebookModule(TokenizerModule):
         }
         total = self.hparams.vq_weight * losses["vq"] + self.hparams.recon_weight * losses["recon"]
         if self.generation_target is not None:
-            target = self.generation_target(captions).to(self.device)
-            losses["gen"] = torch.nn.functional.mse_loss(t.gen_head(decoded).float(), target.float())
+            target = self._generation_targets(batch)
+            losses["gen"] = torch.nn.functional.mse_loss(t.gen_head(decoded).float(), target)
             total = total + self.hparams.gen_weight * losses["gen"]
         losses["loss"] = total
         losses["codes"] = quantized.codes
@@ -181,7 +214,7 @@ class CodebookModule(TokenizerModule):
         if self._codebook_needs_init:
             self._init_codebook_from(causal)
             self._codebook_needs_init = False
-        losses = self._losses(causal, batch["caption"])
+        losses = self._losses(causal, batch)
         for name in LOSSES:
             if name in losses:
                 self.log(f"train/{name}", losses[name], prog_bar=name == "loss", batch_size=batch_size)
@@ -192,7 +225,7 @@ class CodebookModule(TokenizerModule):
 
     # ---- validation: the losses and codebook usage, besides the base's retrieval --------------
     def _validate_embeddings(self, causal: torch.Tensor, batch: dict, rows: list[dict]) -> None:
-        losses = self._losses(causal, batch["caption"])
+        losses = self._losses(causal, batch)
         for name in LOSSES:
             if name in losses:  # means over the val images
                 self.val_means[name].update(losses[name], len(rows))

@@ -134,3 +134,35 @@ def test_an_init_from_checkpoint_with_pickled_objects_is_refused_unrun(default_w
         make_module(default_world, CodebookModule, init_from=str(tmp_path / "foreign.ckpt"))
     assert len(str(error.value).splitlines()) == 1
     assert not marker.exists(), "nothing in an untrusted checkpoint runs"
+
+
+def test_the_generation_targets_are_computed_once_then_read_from_the_cache(default_world, tmp_path):
+    # L_gen's target tower (the SD text encoder) is frozen: the first visit of a caption runs it and caches its
+    # output, a batch whose captions are all cached brings them along and the tower does not run.
+    module = make_module(default_world, CodebookModule, cache_dir=str(tmp_path / "cache"))
+    encoder = module.generation_target
+    calls = []
+    encoder.register_forward_hook(lambda *args: calls.append(1))
+    trained_batches = []
+    original_step = module.training_step
+
+    def recording_step(batch, batch_idx):
+        trained_batches.append({key: batch[key] for key in ("caption", "key", "url")})
+        return original_step(batch, batch_idx)
+
+    module.training_step = recording_step
+    fit = trainer(tmp_path, max_epochs=1, limit_val_batches=0)
+    fit.fit(module, datamodule=make_data(default_world, samples=16))
+    assert len(calls) == len(trained_batches) == 2
+    assert (tmp_path / "cache" / "generation_targets").is_dir()
+
+    fit.state.stage = "train"  # as in a later epoch
+    seen = trained_batches[1]
+    moved = module.transfer_batch_to_device(dict(seen), torch.device("cpu"), 0)
+    targets = module._generation_targets(moved)
+    assert len(calls) == 2, "a batch of cached captions does not run the SD text encoder"
+    with torch.no_grad():
+        fresh = encoder(seen["caption"])
+    torch.testing.assert_close(targets, fresh, atol=2e-3, rtol=2e-3)  # cached in fp16
+    unseen = module.transfer_batch_to_device({**seen, "caption": ["a caption never trained on"]}, "cpu", 0)
+    assert "generation_targets" not in unseen
