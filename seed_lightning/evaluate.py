@@ -16,6 +16,9 @@ from seed_lightning.core.errors import ConfigError
 from seed_lightning.core.io import write_json_atomic
 
 
+NO_CHECKPOINT_TO_EVALUATE = "evaluate needs --ckpt_path: a checkpoint file, or 'last' for the run's newest one"
+
+
 class SeedTrainer(Trainer):
     """Lightning's Trainer (same arguments) with one more entry point, `evaluate`."""
 
@@ -35,7 +38,7 @@ class SeedTrainer(Trainer):
             out: the results JSON; default: results.json beside the checkpoint.
         """
         if ckpt_path is None:
-            raise ConfigError("evaluate needs --ckpt_path: a checkpoint file, or 'last' for the run's newest one")
+            raise ConfigError(NO_CHECKPOINT_TO_EVALUATE)
         results = self.validate(model, datamodule=datamodule, ckpt_path=ckpt_path, verbose=False)
         metrics = {name: float(value) for result in results for name, value in sorted(result.items())}
         if self.is_global_zero:

@@ -31,13 +31,14 @@ import jsonargparse
 import yaml
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
-from seed_lightning.core.checkpointing import checked_ckpt_path, checkpoint_dir, resolve_resume_path
+from seed_lightning.core.checkpointing import checked_ckpt_path, checkpoint_dir, rename_aside, resolve_resume_path
 from seed_lightning.core.data.datamodule import ShardDataModule
 from seed_lightning.core.errors import ConfigError
+from seed_lightning.core.io import atomic_open
 from seed_lightning.core.model_checkpoint import ModelCheckpoint
 from seed_lightning.core.preflight import format_cli_error, preflight_config
 from seed_lightning.core.throughput import ThroughputCallback
-from seed_lightning.evaluate import SeedTrainer
+from seed_lightning.evaluate import NO_CHECKPOINT_TO_EVALUATE, SeedTrainer
 
 log = logging.getLogger(__name__)
 
@@ -123,9 +124,6 @@ def save_run_config(log_dir: str | os.PathLike, text: str) -> None:
     or a new run in the same folder) is written after the earlier file is renamed
     `config.<its time>.yaml`, with one info line: the earlier checkpoints keep their config.
     """
-    from seed_lightning.core.checkpointing import rename_aside
-    from seed_lightning.core.io import atomic_open
-
     path = Path(log_dir) / RUN_CONFIG
     if path.is_file():
         if _run_settings(path.read_text()) == _run_settings(text):
@@ -160,8 +158,8 @@ class SeedCLI(LightningCLI):
     and evaluate (`SeedTrainer.evaluate`), seed 0, one-line errors, checks before anything is built, `--ckpt_path
     last` resolved to the run's newest good last checkpoint, and config.yaml written once training starts."""
 
-    def __init__(self, model_class: type, datamodule_class: type | None = None, args: Sequence[str] | None = None,
-                 run: bool = True) -> None:
+    def __init__(self, model_class: type, datamodule_class: type | None = None,
+                 args: Sequence[str] | None = None) -> None:
         # Dataclass field docstrings become --help text.
         jsonargparse.set_parsing_settings(docstring_parse_attribute_docstrings=True)
         super().__init__(
@@ -174,7 +172,6 @@ class SeedCLI(LightningCLI):
             auto_configure_optimizers=False,
             parser_kwargs={"exit_on_error": False},
             args=list(args) if args is not None else None,
-            run=run,
         )
 
     @staticmethod
@@ -194,7 +191,7 @@ class SeedCLI(LightningCLI):
         subcommand = self.config.subcommand
         ckpt_path = self.config[subcommand].get("ckpt_path")
         if ckpt_path is None and subcommand == "evaluate":
-            raise ConfigError("evaluate needs --ckpt_path: a checkpoint file, or 'last' for the run's newest one")
+            raise ConfigError(NO_CHECKPOINT_TO_EVALUATE)
         if ckpt_path not in (None, "last"):
             # Lightning reads an explicit file's hyperparameters right after parsing, before any hook. Only
             # training resumes from it: validation needs its weights alone.

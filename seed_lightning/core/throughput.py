@@ -100,8 +100,8 @@ class ThroughputCallback(L.Callback):
         return hasattr(pl_module, "flops_per_token") or hasattr(pl_module, "flops_per_sample")
 
     def on_train_epoch_start(self, trainer: "L.Trainer", pl_module: "L.LightningModule") -> None:
-        # Measured anew each epoch: what a step runs may change between epochs (stage 2 reads its cache after the
-        # first), never within one.
+        # Measured anew each epoch: what a step runs changes between epochs (stage 2 reads its embedding cache
+        # from the second on).
         self._measure_next = not self._states_flops(pl_module)
 
     def on_train_batch_start(self, trainer: "L.Trainer", pl_module: "L.LightningModule", batch, batch_idx: int) -> None:
