@@ -33,7 +33,7 @@ from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
 from seed_lightning.core.checkpointing import checked_ckpt_path, checkpoint_dir, rename_aside, resolve_resume_path
 from seed_lightning.core.data.datamodule import ShardDataModule
-from seed_lightning.core.errors import ConfigError
+from seed_lightning.core.errors import ConfigError, SeedLightningError
 from seed_lightning.core.io import atomic_open
 from seed_lightning.core.model_checkpoint import ModelCheckpoint
 from seed_lightning.core.preflight import format_cli_error, preflight_config
@@ -153,6 +153,17 @@ def check_checkpoint_class(model_class: type, ckpt_path: str) -> None:
         check(torch.load(ckpt_path, map_location="cpu", mmap=True, weights_only=True).get("hyper_parameters") or {})
 
 
+def seed_error_in(error: BaseException) -> SeedLightningError | None:
+    """The first SeedLightningError in `error`'s chain of causes (itself included), if any."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, SeedLightningError):
+            return error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None
+
+
 class SeedCLI(LightningCLI):
     """LightningCLI over `model_class` + ShardDataModule (or `datamodule_class`) with the subcommands fit, validate
     and evaluate (`SeedTrainer.evaluate`), seed 0, one-line errors, checks before anything is built, `--ckpt_path
@@ -208,6 +219,17 @@ class SeedCLI(LightningCLI):
         parser.link_arguments("trainer.default_root_dir", "trainer.logger.init_args.name",
                               compute_fn=lambda root: split_run_dir(root)[1])
         link_data_to_model(parser, self.model_class)
+
+    def instantiate_classes(self) -> None:
+        try:
+            super().instantiate_classes()
+        except Exception as error:
+            # A stage class (subclass mode) is built inside the parser, which wraps a constructor's one-line
+            # error into a dump of the whole config: raise the error itself.
+            cause = seed_error_in(error)
+            if cause is None:
+                raise
+            raise cause from None
 
     def before_instantiate_classes(self) -> None:
         # Before the Trainer and the model exist: a missing file or tool fails in seconds, not after

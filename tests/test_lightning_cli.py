@@ -53,3 +53,22 @@ def test_settings_the_run_decides_itself_are_one_line_errors(tmp_path, args, mes
     with pytest.raises(ConfigError) as error:
         SeedCLI(Module, args=["fit", "--trainer.default_root_dir", str(tmp_path), *args])
     assert str(error.value) == message
+
+
+def test_a_stage_constructor_error_is_one_line(default_world, tmp_path, monkeypatch, capsys):
+    # The tokenizer's stage classes are built by the parser (subclass mode), which would wrap a constructor's
+    # ConfigError into a dump of the whole config.
+    from seed_lightning.cli import main
+    from seed_lightning.tokenizer.module import TokenizerModule
+
+    def build(*args, **kwargs):
+        raise ConfigError("model.init_from: this checkpoint holds no Q-Former; pass a stage-1 checkpoint")
+
+    monkeypatch.setattr(TokenizerModule, "_build_tokenizer", build)
+    monkeypatch.chdir(default_world.repo)
+    code = main(["tokenizer", "fit", "-c", "conf/tokenizer/tiny.yaml", "--trainer.default_root_dir", str(tmp_path)])
+    error = capsys.readouterr().err.strip()
+    assert code == 2
+    assert error.splitlines()[-1] == ("seed-lightning: error: model.init_from: this checkpoint holds no Q-Former; "
+                                      "pass a stage-1 checkpoint")
+    assert "Given value" not in error

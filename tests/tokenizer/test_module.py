@@ -261,17 +261,16 @@ def test_vision_fp8_is_refused_before_training_on_a_cpu_or_without_torchao(defau
     from seed_lightning.core.errors import ConfigError
 
     init_args = {"model": tiny_config(default_world), "text_tokenizer": str(default_world.models / "bert-tokenizer"),
-                 "stage": "contrastive", "init_from": None, "gen_weight": 1.0, "generation_target": None,
-                 "vision_fp8": False}
-    TokenizerModule.check_requirements(init_args, "fit")
+                 "init_from": None, "vision_fp8": False}
+    ContrastiveModule.check_requirements(init_args, "fit")
     if not torch.cuda.is_available():
         with pytest.raises(ConfigError, match="model.vision_fp8 needs a CUDA GPU with FP8 tensor cores"):
-            TokenizerModule.check_requirements({**init_args, "vision_fp8": True}, "fit")
+            ContrastiveModule.check_requirements({**init_args, "vision_fp8": True}, "fit")
     with pytest.raises(ConfigError, match="this run is on cpu; or set model.vision_fp8: false"):
         prepared(default_world, tmp_path, "bf16-mixed", vision_fp8=True)  # a CPU Trainer on any machine
     monkeypatch.setitem(sys.modules, "torchao", None)
     with pytest.raises(ConfigError, match=r"pip install torchao==0\.18\.0"):
-        TokenizerModule.check_requirements({**init_args, "vision_fp8": True}, "fit")
+        ContrastiveModule.check_requirements({**init_args, "vision_fp8": True}, "fit")
 
 
 def test_vision_fp8_needs_bf16_frozen_weights(default_world, tmp_path, fake_torchao, monkeypatch):
