@@ -62,8 +62,7 @@ def stage1(batch: int) -> None:
     def rest():  # everything of the step after the frozen trunk
         with torch.autocast("cuda", torch.bfloat16):
             causal = qformer(vision.ln_vision(hidden))
-            text = module._tokenize(sample["caption"])
-            text_hidden = qformer.encode_text(text["input_ids"], text["attention_mask"])
+            text_hidden = qformer.encode_text(*module._tokenize(sample["caption"]))
             loss = contrastive_loss(qformer.image_features(causal), qformer.text_features(text_hidden), module.temperature)
         loss.backward()
         optimizer.step()

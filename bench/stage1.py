@@ -38,13 +38,13 @@ def flops_per_image(module, batch_fn) -> tuple[float, float]:
     sample = batch_fn(0)
     pixels = sample["pixel_values"][:2].cuda()
     tokenizer = module.tokenizer
-    text = module._tokenize(sample["caption"][:2])
+    text = module._tokenize(sample["caption"][:2])  # (input_ids, attention_mask)
     with torch.autocast("cuda", torch.bfloat16):  # grad enabled: FlopCounterMode's module tracker needs it
         vit = counted_flops(lambda: tokenizer.vision(pixels)) / 2
         image_embeds = tokenizer.vision(pixels).detach()
         trainable = counted_flops(lambda: (
             tokenizer.qformer.image_features(tokenizer.qformer(image_embeds)),
-            tokenizer.qformer.text_features(tokenizer.qformer.encode_text(text["input_ids"], text["attention_mask"])),
+            tokenizer.qformer.text_features(tokenizer.qformer.encode_text(*text)),
         )) / 2
     return vit, trainable
 

@@ -32,11 +32,17 @@ class ContrastiveModule(TokenizerModule):
             return []
         return [vision.model.embeddings, vision.model.encoder]  # ln_vision is trained in stage 1
 
+    def setup(self, stage: str) -> None:
+        # The captions of training batches are tokenised in the data module's DataLoader workers.
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if callable(getattr(datamodule, "connect", None)):
+            datamodule.connect(train=self.caption_tokens)
+        super().setup(stage)
+
     def _features(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         qformer = self.tokenizer.qformer
         causal = self.tokenizer.causal_embeddings(batch["pixel_values"])
-        text = self._tokenize(batch["caption"])
-        text_hidden = qformer.encode_text(text["input_ids"], text["attention_mask"])
+        text_hidden = qformer.encode_text(*self._caption_tokens(batch))
         return qformer.image_features(causal), qformer.text_features(text_hidden)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:

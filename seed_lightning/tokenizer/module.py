@@ -24,6 +24,7 @@ from seed_lightning.core.fp8 import convert_linears_to_fp8, require_fp8_support
 from seed_lightning.core.frozen import FrozenDtype, resolve_frozen_dtype
 from seed_lightning.core.optim import AdamWModule, OptimConfig
 from seed_lightning.core.preflight import check_pretrained
+from seed_lightning.tokenizer.captions import CAPTION_IDS, CAPTION_MASK, CaptionTokens
 from seed_lightning.tokenizer.model import SeedTokenizer, SeedTokenizerConfig
 from seed_lightning.tokenizer.retrieval import retrieval_recall
 
@@ -102,6 +103,8 @@ class TokenizerModule(AdamWModule):
         })
         self.tokenizer = self._build_tokenizer(model, init_from)
         self.text_tokenizer = AutoTokenizer.from_pretrained(text_tokenizer)
+        self.caption_tokens = CaptionTokens(self.text_tokenizer, max_text_length)
+        """Tokenises captions: stage 1's training batches in the DataLoader workers (ContrastiveModule.setup)."""
         self._val_outputs: dict[int, dict] = {}
         self._frozen_prepared = False
 
@@ -189,11 +192,17 @@ class TokenizerModule(AdamWModule):
                 part.compile()
 
     # ---- helpers ------------------------------------------------------------------------------
-    def _tokenize(self, captions: list[str]) -> dict[str, torch.Tensor]:
-        encoded = self.text_tokenizer(
-            captions, padding="longest", truncation=True, max_length=self.hparams.max_text_length, return_tensors="pt"
-        )
-        return {"input_ids": encoded["input_ids"].to(self.device), "attention_mask": encoded["attention_mask"].to(self.device)}
+    def _tokenize(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token ids and attention mask of `captions`, on this module's device."""
+        encoded = self.caption_tokens.encode(captions)
+        return encoded[CAPTION_IDS].to(self.device), encoded[CAPTION_MASK].to(self.device)
+
+    def _caption_tokens(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """The batch's caption tokens: from the DataLoader workers (ContrastiveModule.setup), else tokenised here (loaders given
+        to `fit` directly, e.g. the benches)."""
+        if CAPTION_IDS in batch:
+            return batch[CAPTION_IDS], batch[CAPTION_MASK]
+        return self._tokenize(batch["caption"])
 
     def _log_skipped_samples(self, batch_size: int) -> None:
         datamodule = getattr(self.trainer, "datamodule", None)
@@ -238,8 +247,8 @@ class TokenizerModule(AdamWModule):
             owners.extend([image_index] * len(row["captions"]))
         text_features = []
         for start in range(0, len(texts), 256):
-            encoded = self._tokenize(texts[start : start + 256])
-            hidden = self.tokenizer.qformer.encode_text(encoded["input_ids"], encoded["attention_mask"])
+            input_ids, attention_mask = self._tokenize(texts[start : start + 256])
+            hidden = self.tokenizer.qformer.encode_text(input_ids, attention_mask)
             text_features.append(self.tokenizer.qformer.text_features(hidden).float().cpu())
         image_features = torch.stack([r["image"] for r in rows]).float()
         similarity = image_features @ torch.cat(text_features).t()

@@ -5,6 +5,7 @@ import pytest
 from tests.tokenizer.test_module import (
     assert_optimizer_state_only_for,
     fit_briefly,
+    make_data,
     make_module,
     one_batch,
     optimizer_params,
@@ -42,3 +43,30 @@ def test_fit_logs_the_itc_loss_and_retrieval_and_steps_only_the_trained_paramete
     tok = module.tokenizer
     trained = [*tok.qformer.parameters(), *tok.vision.ln_vision.parameters(), module.temperature]
     assert_optimizer_state_only_for(fit, trained)
+
+
+def test_training_captions_arrive_tokenised_from_the_loader_workers(default_world, tmp_path):
+    import torch
+
+    from seed_lightning.tokenizer.captions import CAPTION_IDS, CAPTION_MASK
+
+    module = make_module(default_world)
+    received = []
+    original_step = module.training_step
+
+    def recording_step(batch, batch_idx):
+        received.append(batch)
+        return original_step(batch, batch_idx)
+
+    def no_tokenising_in_the_step(captions):
+        raise AssertionError("the step tokenised captions itself")
+
+    module.training_step = recording_step
+    module._tokenize = no_tokenising_in_the_step
+    fit = trainer(tmp_path, max_steps=2, limit_val_batches=0)
+    fit.fit(module, datamodule=make_data(default_world, batch_size=4, samples=8, num_workers=2))
+    assert len(received) == 2
+    for batch in received:
+        expected = module.caption_tokens.encode(batch["caption"])
+        assert torch.equal(batch[CAPTION_IDS], expected[CAPTION_IDS])
+        assert torch.equal(batch[CAPTION_MASK], expected[CAPTION_MASK])

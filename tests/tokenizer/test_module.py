@@ -52,13 +52,13 @@ def outside_fit(module: TokenizerModule) -> TokenizerModule:
     return module
 
 
-def make_data(world, batch_size=8, samples=32, **kwargs) -> ShardDataModule:
+def make_data(world, batch_size=8, samples=32, num_workers=0, **kwargs) -> ShardDataModule:
     return ShardDataModule(
         train=[ShardSource(urls=str(world.shards / "train-000000.tar"))],
         val=str(world.shards / "val-000000.tar"),
         image_size=64,
         batch_size=batch_size,
-        num_workers=0,
+        num_workers=num_workers,
         samples_per_epoch=samples,
         shuffle_buffer=16,
         **kwargs,
