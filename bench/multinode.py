@@ -42,9 +42,6 @@ trainer:
   default_root_dir: {run_dir}
   enable_progress_bar: false
   enable_model_summary: false
-  logger:
-    class_path: lightning.pytorch.loggers.TensorBoardLogger
-    init_args: {{save_dir: {run_dir}, name: tb, version: ""}}
   callbacks:
     - class_path: lightning.pytorch.callbacks.ModelCheckpoint
       init_args: {{dirpath: {run_dir}/checkpoints, filename: "{{step}}", every_n_train_steps: {save_at},
@@ -82,8 +79,9 @@ def fit(layout: str, run_dir: Path, accelerator: str, steps: int, save_at: int, 
 
 
 def train_losses(run_dir: Path) -> dict[int, float]:
-    """The logged `train/loss` of every step (0-based), from every TensorBoard event file of the run."""
-    return {step: value for step, _, value in scalar_events(run_dir / "tb", "train/loss")}
+    """The logged `train/loss` of every step (0-based), from every TensorBoard event file of the run (the logger
+    writes into the run folder, trainer.default_root_dir)."""
+    return {step: value for step, _, value in scalar_events(run_dir, "train/loss")}
 
 
 def log_tail(run_dir: Path, chars: int = 3000) -> str:
