@@ -38,7 +38,9 @@ def no_java(tmp_path, monkeypatch):
 def fake_torchao(monkeypatch):
     """A stand-in for torchao, whose float8 refuses to run on CPUs: `quantize_` with
     `Float8DynamicActivationFloat8WeightConfig(granularity=PerRow())` replaces a bf16 Linear's weight by its rows
-    rounded through e4m3 (each row scaled to e4m3's range), as a plain bf16 tensor. `quantized` counts the calls."""
+    rounded through e4m3 (each row scaled to e4m3's range), as a plain bf16 tensor. `quantized` counts the calls.
+    Like torchao, unless the config says `set_inductor_config=False` it switches Inductor to its recommended options
+    (coordinate-descent tuning; restored after the test)."""
     import importlib.machinery
     import types
 
@@ -48,11 +50,18 @@ def fake_torchao(monkeypatch):
         pass
 
     class Float8DynamicActivationFloat8WeightConfig:
-        def __init__(self, granularity):
+        def __init__(self, granularity, set_inductor_config=True):
             self.granularity = granularity
+            self.set_inductor_config = set_inductor_config
+
+    def recommended_inductor_config_setter():
+        for name in ("coordinate_descent_tuning", "coordinate_descent_check_all_directions"):
+            monkeypatch.setattr(torch._inductor.config, name, True)
 
     def quantize_(model, config, filter_fn=None, device=None):
         assert isinstance(model, torch.nn.Linear) and isinstance(config.granularity, PerRow)
+        if config.set_inductor_config:
+            recommended_inductor_config_setter()
         weight = model.weight
         assert weight.dtype == torch.bfloat16, "PerRow quantization only works for bfloat16 precision input weight"
         scale = weight.float().abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / torch.finfo(torch.float8_e4m3fn).max

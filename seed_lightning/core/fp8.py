@@ -10,8 +10,9 @@ than FP8 saves.
 
 The converted layers keep their bf16 `weight`/`bias` parameters: state dicts, checkpoints and exported
 models stay full precision and load without torchao; the e4m3 copy is remade whenever the weight
-changes (a checkpoint loaded, a device move). torchao's `quantize_`, run at the first forward, also turns
-on its recommended Inductor options (coordinate-descent tuning) for the rest of the process.
+changes (a checkpoint loaded, a device move). torchao's `quantize_` would by default also switch Inductor to
+coordinate-descent tuning for the rest of the process, which made compiling the FP8 ViT-g outlast a 5-minute
+GPU call; the conversion asks it to leave Inductor's settings as they are.
 """
 
 import importlib.util
@@ -55,7 +56,7 @@ def float8_weight(weight: torch.Tensor) -> torch.Tensor:
 
     stand_in = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
     stand_in.weight = nn.Parameter(weight.detach(), requires_grad=False)
-    quantize_(stand_in, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()))
+    quantize_(stand_in, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow(), set_inductor_config=False))
     return stand_in.weight.detach()  # detached: a plain tensor attribute, never a parameter of the caller
 
 

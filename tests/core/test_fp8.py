@@ -84,3 +84,16 @@ def test_fp8_support_needs_torchao_and_a_gpu_with_fp8_tensor_cores(fake_torchao,
     monkeypatch.setitem(sys.modules, "torchao", None)  # not installed
     with pytest.raises(ConfigError, match=r"needs torchao, which is not installed: pip install torchao==0\.18\.0"):
         require_fp8_support(torch.device("cuda", 0), "model.vision_fp8")
+
+
+def test_converting_leaves_inductors_settings_as_they_were(fake_torchao):
+    """torchao's default switches Inductor to coordinate-descent tuning, under which compiling the FP8 ViT-g
+    outlasted a GPU call: compile must stay as quick as without FP8."""
+    import torch._inductor.config as inductor
+
+    before = (inductor.coordinate_descent_tuning, inductor.coordinate_descent_check_all_directions)
+    model = frozen_mlp()
+    convert_linears_to_fp8(model)
+    model(torch.randn(2, 64, dtype=torch.bfloat16))
+    assert fake_torchao.quantized == 2
+    assert (inductor.coordinate_descent_tuning, inductor.coordinate_descent_check_all_directions) == before == (False, False)
