@@ -2,6 +2,9 @@
 
 Every benchmark prints one JSON line per measurement (prefixed `RESULT `) and appends it to
 $BENCH_OUT/results.jsonl when BENCH_OUT is set, so RESULTS.md can be filled from one file.
+
+The benches run at the paper's shapes on the GPU (`SCALE`); `use_tiny()` (a bench's `--tiny`) switches them to the
+tiny local models on the CPU, so that tests/bench smoke-runs every code path a GPU call would take.
 """
 
 import datetime
@@ -29,12 +32,58 @@ DATE = datetime.date.today().isoformat()
 REPO = Path(__file__).resolve().parents[1]
 
 
+VIT_G_14 = {"image_size": 224, "patch_size": 14, "hidden_size": 1408, "num_hidden_layers": 39, "num_attention_heads": 16,
+            "intermediate_size": 6144, "qkv_bias": True, "layer_norm_eps": 1e-6, "initializer_range": 0.02}
+"""BLIP-2's EVA ViT-g/14 at 224 px, as Blip2VisionConfig arguments (the tokenizer's default VisionEncoderConfig)."""
+NUM_QUERIES = 32
+TINY_BLIP2 = REPO / "data/models/tiny-blip2"
+
+SCALE = SimpleNamespace(
+    device=torch.device("cuda"),
+    vision=VIT_G_14,
+    qformer={},  # BERT-base, Blip2QFormerConfig's defaults
+    tokenizer_model={},  # SeedTokenizerConfig's defaults: the paper's tokenizer, random weights
+    image_size=224,
+    dims="full",  # of bench/rehearsal/hub_cache.py's random hub models (the SD text encoder of stage 2)
+)
+"""Where and at what size the benches run: the paper's shapes on the GPU unless `use_tiny()` was called."""
+
+
+def use_tiny() -> None:
+    """Run the benches on the CPU with data/models/tiny-blip2's dims (64 px images): a smoke test, not a measurement."""
+    config = json.loads((TINY_BLIP2 / "config.json").read_text())
+    qformer = {key: config["qformer_config"][key]
+               for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")}
+    vars(SCALE).update(
+        device=torch.device("cpu"),
+        vision={key: value for key, value in config["vision_config"].items() if key != "model_type"},
+        qformer=qformer,
+        tokenizer_model={"vision": {"pretrained": str(TINY_BLIP2)}, "qformer": {"pretrained": str(TINY_BLIP2)},
+                         "num_codes": 1024, "recon_head": {"depth": 2, "num_heads": 4},
+                         "gen_head": {"depth": 2, "num_heads": 4, "qformer_layers": 2}},
+        image_size=config["vision_config"]["image_size"],
+        dims="tiny",
+    )
+
+
+def on_gpu() -> bool:
+    return SCALE.device.type == "cuda"
+
+
+def synchronize() -> None:
+    if on_gpu():
+        torch.cuda.synchronize()
+
+
 def device_name() -> str:
     return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
 
 
 def measured_bf16_peak(size: int = 8192, iters: int = 20) -> float:
-    """bf16 FLOP/s of one large random matmul on this card: the practical MFU ceiling."""
+    """bf16 FLOP/s of one large random matmul on this card: the practical MFU ceiling (the datasheet's on the CPU,
+    where MFU fields mean nothing)."""
+    if not on_gpu():
+        return DATASHEET_BF16_PEAK
     a = torch.randn(size, size, device="cuda", dtype=torch.bfloat16)
     b = torch.randn(size, size, device="cuda", dtype=torch.bfloat16)
     seconds = cuda_time(lambda: a @ b, warmup=3, iters=iters)
@@ -45,11 +94,11 @@ def cuda_time(step: Callable[[], object], warmup: int, iters: int) -> float:
     """Mean seconds per call of `step` after `warmup` calls, with the device synchronised around the loop."""
     for _ in range(warmup):
         step()
-    torch.cuda.synchronize()
+    synchronize()
     start = time.perf_counter()
     for _ in range(iters):
         step()
-    torch.cuda.synchronize()
+    synchronize()
     return (time.perf_counter() - start) / iters
 
 
@@ -77,15 +126,16 @@ def deviation(out: torch.Tensor, reference: torch.Tensor, name: str) -> dict[str
 
 
 def peak_memory_gib() -> float:
-    return torch.cuda.max_memory_allocated() / 2**30
+    return torch.cuda.max_memory_allocated() / 2**30 if on_gpu() else 0.0
 
 
 def reset_memory() -> None:
     import gc
 
     gc.collect()
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats()
+    if on_gpu():
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
 
 
 def profiler_table(profiler, name: str, rows: int = 25) -> None:
@@ -135,10 +185,11 @@ def report(bench: str, name: str, **fields) -> dict:
     return record
 
 
-def lightning_trainer(steps: int, callbacks: list, max_epochs: int = -1):
-    """A bf16-mixed single-GPU Trainer with every extra (logging, checkpoints, progress bar) off."""
+def lightning_trainer(steps: int, callbacks: list, max_epochs: int = -1, **options):
+    """A bf16-mixed single-GPU (tiny: CPU) Trainer with every extra (logging, checkpoints, progress bar) off;
+    `options` are further Trainer arguments."""
     return L.Trainer(
-        accelerator="gpu",
+        accelerator="gpu" if on_gpu() else "cpu",
         devices=1,
         precision="bf16-mixed",
         max_steps=steps,
@@ -150,30 +201,25 @@ def lightning_trainer(steps: int, callbacks: list, max_epochs: int = -1):
         num_sanity_val_steps=0,
         limit_val_batches=0,
         callbacks=callbacks,
+        **options,
     )
 
 
-VIT_G_14 = {"image_size": 224, "patch_size": 14, "hidden_size": 1408, "num_hidden_layers": 39, "num_attention_heads": 16,
-            "intermediate_size": 6144, "qkv_bias": True, "layer_norm_eps": 1e-6, "initializer_range": 0.02}
-"""BLIP-2's EVA ViT-g/14 at 224 px, as Blip2VisionConfig arguments (the tokenizer's default VisionEncoderConfig)."""
-NUM_QUERIES = 32
-
-
 def plain_blip2_encoders(frozen_dtype: torch.dtype) -> SimpleNamespace:
-    """SEED's image encoder as plain transformers parts at paper shapes, random weights, on the GPU, SDPA: `vision`
+    """SEED's image encoder as plain transformers parts at `SCALE`'s shapes, random weights, on its device, SDPA: `vision`
     the ViT-g/14 (frozen, eval, held in `frozen_dtype` as `from_pretrained(torch_dtype=...)` would load it),
     `ln_vision`, `qformer` the BERT-base Q-Former with cross-attention to the ViT (`qformer_config`), `queries`
     the 32 learned queries, `causal_mask` their lower-triangular self-attention mask [1, 1, Q, Q]. All but
     `vision` are fp32 and trainable; a caller that freezes them casts them itself."""
     from transformers import Blip2QFormerConfig, Blip2QFormerModel, Blip2VisionConfig, Blip2VisionModel
 
-    with torch.device("cuda"):
-        vision = Blip2VisionModel(Blip2VisionConfig(**VIT_G_14, attn_implementation="sdpa")).eval()
-        qformer_config = Blip2QFormerConfig(encoder_hidden_size=VIT_G_14["hidden_size"], use_qformer_text_input=True,
-                                            attn_implementation="sdpa")
+    with SCALE.device:
+        vision = Blip2VisionModel(Blip2VisionConfig(**SCALE.vision, attn_implementation="sdpa")).eval()
+        qformer_config = Blip2QFormerConfig(**SCALE.qformer, encoder_hidden_size=SCALE.vision["hidden_size"],
+                                            use_qformer_text_input=True, attn_implementation="sdpa")
         return SimpleNamespace(
             vision=vision.requires_grad_(False).to(frozen_dtype),
-            ln_vision=nn.LayerNorm(VIT_G_14["hidden_size"]),
+            ln_vision=nn.LayerNorm(SCALE.vision["hidden_size"]),
             qformer=Blip2QFormerModel(qformer_config),
             qformer_config=qformer_config,
             queries=nn.Parameter(torch.randn(1, NUM_QUERIES, qformer_config.hidden_size) * 0.02),
@@ -186,7 +232,7 @@ def plain_vit_tokens(vision: nn.Module, pixels: torch.Tensor) -> torch.Tensor:
     autocast (autocast would run its LayerNorms in fp32), fp32 weights under bf16 autocast."""
     with torch.no_grad():
         if vision.dtype == torch.float32:
-            with torch.autocast("cuda", torch.bfloat16):
+            with torch.autocast(pixels.device.type, torch.bfloat16):
                 return vision(pixel_values=pixels).last_hidden_state
         return vision(pixel_values=pixels.to(vision.dtype)).last_hidden_state
 
@@ -220,10 +266,12 @@ def loader(make: Callable[[int], dict], length: int) -> torch.utils.data.DataLoa
 
 
 def image_caption_batches(batch: int, seed: int = 0) -> Callable[[int], dict]:
-    """`make(index)` -> one batch of `batch` random 224 px images (pinned) and CC3M-like captions, the same data
-    every time, with per-index sample keys."""
+    """`make(index)` -> one batch of `batch` random images of `SCALE.image_size` (pinned on the GPU) and CC3M-like
+    captions, the same data every time, with per-index sample keys."""
     generator = torch.Generator().manual_seed(seed)
-    pixels = torch.randn(batch, 3, 224, 224, generator=generator).pin_memory()
+    pixels = torch.randn(batch, 3, SCALE.image_size, SCALE.image_size, generator=generator)
+    if on_gpu():
+        pixels = pixels.pin_memory()
     captions = random_captions(batch, generator)
     return lambda index: {"pixel_values": pixels, "caption": captions, "key": [f"{index}-{i}" for i in range(batch)]}
 

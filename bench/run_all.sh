@@ -19,7 +19,7 @@ done
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 cd bench
 if [[ $PART == all || $PART == tokenizer ]]; then
-  $PY stage1.py --batch 256 --steps 10 --variants default torchao-fp8 || echo "FAILED stage1"
+  $PY stage1.py --batch 256 --steps 10 --fp32-baseline || echo "FAILED stage1"
   $PY stage2.py --batch 256 2048 --batches 16 4 --epochs 3 --compile || echo "FAILED stage2"
   $PY data_pipeline.py --workers 1 4 8 16 || echo "FAILED data_pipeline"
   $PY shard_pipeline.py --workers 4 8 16 || echo "FAILED shard_pipeline"
@@ -27,7 +27,7 @@ fi
 if [[ $PART == tokenizer-short ]]; then
   # Most important first; each bench is cut off by its own time limit rather than the device's. Stage 2 compiles
   # only at the paper's 2048 images/GPU, where its target is measured.
-  timeout ${STAGE1_LIMIT:-300} $PY stage1.py --batch 256 --steps 8 --warmup 3 --variants default torchao-fp8 || echo "FAILED stage1"
+  timeout ${STAGE1_LIMIT:-300} $PY stage1.py --batch 256 --steps 8 --warmup 3 --fp32-baseline || echo "FAILED stage1"
   timeout ${STAGE2_LIMIT:-180} $PY stage2.py --batch 2048 --batches 4 --epochs 2 --compile || echo "FAILED stage2 B=2048"
   timeout 90 $PY stage2.py --batch 256 --batches 16 --epochs 2 || echo "FAILED stage2 B=256"
 fi

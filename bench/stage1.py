@@ -5,7 +5,7 @@ Project: the real ContrastiveModule (tokenizer stage 1) under a bf16-mixed Light
 through torchao). Baselines (same run, same card, same batch, same trainable set: ln_vision, Q-Former + text
 branch, queries, projections, temperature in fp32 under bf16 autocast; a hand-written loop, AdamW, ITC loss):
 THE baseline holds the frozen ViT in bf16 and runs it outside autocast, as a model loaded with
-`torch_dtype=torch.bfloat16`; the second keeps it in fp32 under autocast. Ratios are against THE baseline.
+`torch_dtype=torch.bfloat16`; the second (`--fp32-baseline`) keeps it in fp32 under autocast. Ratios are against THE baseline.
 Bounds in the same run: the plain bf16 ViT-g forward alone, and each variant's own frozen ViT forward alone
 (compiled where the variant compiles). The FP8 variant also reports what FP8 changes on one batch: its ViT
 output tokens and ITC image features against the same weights run in bf16.
@@ -15,7 +15,8 @@ MFU FLOPs per image = forward FLOPs of the frozen ViT (counted once: no backward
 counted by torch's FlopCounterMode (matmuls + attention) on the real modules; FP8 rows count the same
 FLOPs against the bf16 peak.
 
-    python bench/stage1.py --batch 256 --steps 10 --variants default torchao-fp8
+    python bench/stage1.py --batch 256 --steps 10 --variants torchao-fp8 default
+    python bench/stage1.py --tiny --batch 4 --steps 1 --warmup 1   # CPU smoke test (tests/bench/test_stage1.py)
 """
 
 import argparse
@@ -25,9 +26,9 @@ import torch
 import torch.nn.functional as F
 
 from common import (
-    REPO, counted_flops, cuda_time, deviation, device_name, image_caption_batches, lightning_trainer, loader,
+    REPO, SCALE, counted_flops, cuda_time, deviation, device_name, image_caption_batches, lightning_trainer, loader,
     measured_bf16_peak, mfu_fields, peak_memory_gib, plain_blip2_encoders, plain_causal_queries, plain_vit_tokens,
-    report, reset_memory,
+    report, reset_memory, use_tiny,
 )
 
 TEXT_TOKENIZER = str(REPO / "data/models/bert-tokenizer")
@@ -36,10 +37,10 @@ TEXT_TOKENIZER = str(REPO / "data/models/bert-tokenizer")
 def flops_per_image(module, batch_fn) -> tuple[float, float]:
     """(frozen ViT forward FLOPs, trainable-part forward FLOPs) per image."""
     sample = batch_fn(0)
-    pixels = sample["pixel_values"][:2].cuda()
+    pixels = sample["pixel_values"][:2].to(SCALE.device)
     tokenizer = module.tokenizer
     text = module._tokenize(sample["caption"][:2])  # (input_ids, attention_mask)
-    with torch.autocast("cuda", torch.bfloat16):  # grad enabled: FlopCounterMode's module tracker needs it
+    with torch.autocast(SCALE.device.type, torch.bfloat16):  # grad enabled: FlopCounterMode's module tracker needs it
         vit = counted_flops(lambda: tokenizer.vision(pixels)) / 2
         image_embeds = tokenizer.vision(pixels).detach()
         trainable = counted_flops(lambda: (
@@ -84,11 +85,11 @@ def fp8_deviation(module, sample: dict) -> dict:
     from seed_lightning.core.modes import eval_mode
 
     vision, qformer = module.tokenizer.vision, module.tokenizer.qformer
-    pixels = sample["pixel_values"].cuda()
+    pixels = sample["pixel_values"].to(SCALE.device)
 
     def outputs() -> tuple[torch.Tensor, torch.Tensor]:
         # autocast as in training_step under bf16-mixed
-        with eval_mode(module.tokenizer), torch.no_grad(), torch.autocast("cuda", torch.bfloat16):
+        with eval_mode(module.tokenizer), torch.no_grad(), torch.autocast(SCALE.device.type, torch.bfloat16):
             tokens = vision(pixels)
             return tokens, qformer.image_features(qformer(tokens))
 
@@ -109,17 +110,25 @@ def fp8_deviation(module, sample: dict) -> dict:
             **deviation(fp8_features, bf16_features, "fp8_vs_bf16_itc_image_features")}
 
 
-def project(batch: int, steps: int, warmup: int, peak: float, baselines: dict[str, float], variant: str) -> float:
+def contrastive_module(**options):
+    """The real stage-1 module at `SCALE`'s shapes (random weights, initialised on its device: seconds instead of a
+    minute on the CPU at paper shapes), the paper's learning rates unless `options` set `optim`."""
     from seed_lightning.core.optim import OptimConfig
-    from seed_lightning.core.throughput import ThroughputCallback
     from seed_lightning.tokenizer.contrastive import ContrastiveModule
     from seed_lightning.tokenizer.model import SeedTokenizerConfig
 
+    options.setdefault("optim", OptimConfig(lr=3e-5, min_lr=3e-6, warmup_start_lr=3e-7))
+    with SCALE.device:
+        return ContrastiveModule(model=SeedTokenizerConfig.from_dict(SCALE.tokenizer_model),
+                                 text_tokenizer=TEXT_TOKENIZER, **options)
+
+
+def project(batch: int, steps: int, warmup: int, peak: float, baselines: dict[str, float], variant: str) -> float:
+    from seed_lightning.core.throughput import ThroughputCallback
+
     reset_memory()
     torch._dynamo.reset()
-    with torch.device("cuda"):  # random init on the GPU: seconds instead of a minute on CPU
-        module = ContrastiveModule(model=SeedTokenizerConfig(), text_tokenizer=TEXT_TOKENIZER,
-                                   optim=OptimConfig(lr=3e-5, min_lr=3e-6, warmup_start_lr=3e-7), **VARIANTS[variant])
+    module = contrastive_module(**VARIANTS[variant])
     batch_fn = image_caption_batches(batch)
     vit, trainable = flops_per_image(module, batch_fn)
     per_image = vit + 3 * trainable
@@ -128,7 +137,7 @@ def project(batch: int, steps: int, warmup: int, peak: float, baselines: dict[st
     sample = batch_fn(0)
 
     def measure(trained) -> dict:
-        fields = vit_alone(trained, sample["pixel_values"].cuda(), steps, vit, peak)
+        fields = vit_alone(trained, sample["pixel_values"].to(SCALE.device), steps, vit, peak)
         return {**fields, **(fp8_deviation(trained, sample) if trained.hparams.vision_fp8 else {})}
 
     after = AfterTraining(measure)
@@ -138,7 +147,7 @@ def project(batch: int, steps: int, warmup: int, peak: float, baselines: dict[st
     report("stage1", f"project ContrastiveModule {variant} B={batch}", batch=batch, images_per_sec=rate,
            variant=VARIANTS[variant], baseline_images_per_sec=baselines["bfloat16"],
            ratio_to_baseline=rate / baselines["bfloat16"],
-           ratio_to_fp32_frozen_baseline=rate / baselines["float32"],
+           **({"ratio_to_fp32_frozen_baseline": rate / baselines["float32"]} if "float32" in baselines else {}),
            vit_fwd_gflops_per_image=vit / 1e9, trainable_fwd_gflops_per_image=trainable / 1e9,
            flops_formula="ViT fwd + 3 x (Q-Former+text+proj fwd), FlopCounterMode",
            **mfu_fields(rate * per_image, peak), peak_mem_gib=peak_memory_gib(), **after.fields)
@@ -154,9 +163,10 @@ def baseline(batch: int, steps: int, warmup: int, frozen_dtype: torch.dtype) -> 
 
     reset_memory()
     parts = plain_blip2_encoders(frozen_dtype)
-    with torch.device("cuda"):
+    hidden = parts.qformer_config.hidden_size
+    with SCALE.device:
         text_embeddings = Blip2TextEmbeddings(parts.qformer_config)
-        image_proj, text_proj = torch.nn.Linear(768, 256), torch.nn.Linear(768, 256)
+        image_proj, text_proj = torch.nn.Linear(hidden, 256), torch.nn.Linear(hidden, 256)
         temperature = torch.nn.Parameter(torch.tensor(0.07))
     params = [*parts.ln_vision.parameters(), *parts.qformer.parameters(), *text_embeddings.parameters(), parts.queries,
               *image_proj.parameters(), *text_proj.parameters(), temperature]
@@ -165,17 +175,18 @@ def baseline(batch: int, steps: int, warmup: int, frozen_dtype: torch.dtype) -> 
     sample = image_caption_batches(batch)(0)
 
     def step():
-        pixels = sample["pixel_values"].cuda(non_blocking=True)
-        text = tokenizer(sample["caption"], padding="longest", truncation=True, max_length=32, return_tensors="pt").to("cuda")
+        pixels = sample["pixel_values"].to(SCALE.device, non_blocking=True)
+        text = tokenizer(sample["caption"], padding="longest", truncation=True, max_length=32,
+                         return_tensors="pt").to(SCALE.device)
         image = plain_vit_tokens(parts.vision, pixels)
-        with torch.autocast("cuda", torch.bfloat16):
+        with torch.autocast(SCALE.device.type, torch.bfloat16):
             q = plain_causal_queries(parts, image)
             t = parts.qformer(query_embeds=text_embeddings(input_ids=text["input_ids"]), query_length=0,
                               attention_mask=text["attention_mask"]).last_hidden_state
             image_features = F.normalize(image_proj(q[:, -1]), dim=-1)
             text_features = F.normalize(text_proj(t[:, 0]), dim=-1)
             logits = image_features @ text_features.t() / temperature
-        targets = torch.arange(batch, device="cuda")
+        targets = torch.arange(batch, device=SCALE.device)
         loss = (F.cross_entropy(logits.float(), targets, label_smoothing=0.1)
                 + F.cross_entropy(logits.t().float(), targets, label_smoothing=0.1)) / 2
         loss.backward()
@@ -195,7 +206,7 @@ def vit_bound(batch: int, steps: int, peak: float) -> None:
     """The plain HF ViT-g forward alone, bf16 weights, no autograd: what a stage-1 step without FP8 cannot beat."""
     reset_memory()
     vision = plain_blip2_encoders(torch.bfloat16).vision
-    pixels = image_caption_batches(batch)(0)["pixel_values"].cuda().to(torch.bfloat16)
+    pixels = image_caption_batches(batch)(0)["pixel_values"].to(SCALE.device, torch.bfloat16)
     with torch.no_grad():
         vit_flops = counted_flops(lambda: vision(pixel_values=pixels[:2])) / 2
         seconds = cuda_time(lambda: vision(pixel_values=pixels), warmup=2, iters=steps)
@@ -203,25 +214,33 @@ def vit_bound(batch: int, steps: int, peak: float) -> None:
            images_per_sec=batch / seconds, **mfu_fields(batch / seconds * vit_flops, peak))
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--batch", type=int, nargs="+", default=[256])
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--variants", nargs="+", default=["default", "torchao-fp8"], choices=list(VARIANTS))
-    args = parser.parse_args()
+    parser.add_argument("--variants", nargs="+", default=["torchao-fp8", "default"], choices=list(VARIANTS),
+                        help="in this order, after THE baseline (the most important first: a time limit cuts the last)")
+    parser.add_argument("--fp32-baseline", action="store_true", help="also the baseline with fp32 frozen weights")
+    parser.add_argument("--no-vit-bound", action="store_true", help="skip the plain ViT forward alone (run last)")
+    parser.add_argument("--tiny", action="store_true", help="tiny models on the CPU: a smoke test, not a measurement")
+    args = parser.parse_args(argv)
+    if args.tiny:
+        use_tiny()
     torch.backends.cuda.matmul.allow_tf32 = True
     peak = measured_bf16_peak()
     report("stage1", "bf16 matmul peak 8192^3", tflops=peak / 1e12, device=device_name())
     for batch in args.batch:
+        dtypes = (torch.bfloat16, torch.float32) if args.fp32_baseline else (torch.bfloat16,)
         baselines = {str(dtype).removeprefix("torch."): baseline(batch, args.steps, args.warmup, dtype)
-                     for dtype in (torch.bfloat16, torch.float32)}
-        vit_bound(batch, args.steps, peak)
+                     for dtype in dtypes}
         for variant in args.variants:
             try:
                 project(batch, args.steps, args.warmup, peak, baselines, variant)
             except Exception as error:  # one failing variant must not cost the others' device time
                 report("stage1", f"project {variant} B={batch}: FAILED {error!r}")
+        if not args.no_vit_bound:
+            vit_bound(batch, args.steps, peak)
 
 
 if __name__ == "__main__":
