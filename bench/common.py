@@ -186,9 +186,9 @@ def report(bench: str, name: str, **fields) -> dict:
 
 
 def lightning_trainer(steps: int, callbacks: list, max_epochs: int = -1, **options):
-    """A bf16-mixed single-GPU (tiny: CPU) Trainer with every extra (logging, checkpoints, progress bar) off;
-    `options` are further Trainer arguments."""
-    return L.Trainer(
+    """A bf16-mixed single-GPU (tiny: CPU) Trainer with every extra (logging, checkpoints, progress bar, validation)
+    off; `options` are further Trainer arguments or replace these."""
+    settings = dict(
         accelerator="gpu" if on_gpu() else "cpu",
         devices=1,
         precision="bf16-mixed",
@@ -201,8 +201,8 @@ def lightning_trainer(steps: int, callbacks: list, max_epochs: int = -1, **optio
         num_sanity_val_steps=0,
         limit_val_batches=0,
         callbacks=callbacks,
-        **options,
     )
+    return L.Trainer(**{**settings, **options})
 
 
 def plain_blip2_encoders(frozen_dtype: torch.dtype) -> SimpleNamespace:

@@ -29,7 +29,9 @@ def run_bench(monkeypatch, tmp_path, default_world):
 @pytest.fixture
 def fp8_on_the_cpu(fake_torchao, monkeypatch):
     """torchao's float8 as `fake_torchao` rounds it, allowed on the CPU (the real one needs FP8 tensor cores)."""
+    from seed_lightning.core import fp8
     from seed_lightning.tokenizer import module
 
-    monkeypatch.setattr(module, "require_fp8_support", lambda device, option: None)
+    for owner in (fp8, module):
+        monkeypatch.setattr(owner, "require_fp8_support", lambda device, option: None)
     return fake_torchao
