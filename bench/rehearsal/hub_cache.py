@@ -231,10 +231,18 @@ def build_clip(folder: Path, dims: Dims, lines: list[str], device: str) -> None:
     CLIPImageProcessor(image_mean=CLIP_MEAN, image_std=CLIP_STD).save_pretrained(folder)
 
 
+def sd_text_encoder(dims: Dims):
+    """SD v1's text encoder (at FULL: CLIP ViT-L/14's text tower, 768 wide, 12 layers, 77 tokens), random weights,
+    built on the current default device."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    return CLIPTextModel(CLIPTextConfig(**_clip_text_config(dims.sd_text, dims.sd_text[0])))
+
+
 def build_sd(folder: Path, dims: Dims, lines: list[str], device: str) -> None:
     from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPTokenizer
 
     vae_scale = 2 ** (len(dims.vae_channels) - 1)
     cross_attention = len(dims.unet_channels) - 1
@@ -252,7 +260,7 @@ def build_sd(folder: Path, dims: Dims, lines: list[str], device: str) -> None:
             down_block_types=("DownEncoderBlock2D",) * len(dims.vae_channels),
             up_block_types=("UpDecoderBlock2D",) * len(dims.vae_channels),
         )
-        text_encoder = CLIPTextModel(CLIPTextConfig(**_clip_text_config(dims.sd_text, dims.sd_text[0])))
+        text_encoder = sd_text_encoder(dims)
         # The project never loads the safety checker; it is built because it is cheap and the layout has it.
         safety_checker = StableDiffusionSafetyChecker(CLIPConfig(
             text_config=_clip_text_config(dims.clip_text, dims.clip_projection),
