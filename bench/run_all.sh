@@ -7,16 +7,8 @@
 #   bash bench/run_all.sh scaling    # DDP/FSDP scaling on every GPU of the host (>= 2 GPUs)
 set -uo pipefail
 cd "$(dirname "$0")/.."
-export BENCH_OUT=${BENCH_OUT:-$PWD/bench_out} PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
-export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
-mkdir -p "$BENCH_OUT"
-PY=${PYTHON:-python3}
 PART=${1:-all}
-# GPU images often ship pytorch-lightning but not the `lightning` package, nor torchao (FP8): the carried wheels.
-for package in lightning torchao; do
-  $PY -c "import $package" 2>/dev/null || $PY -m pip install -q --no-deps --no-index .whl/$package-*.whl
-done
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+source bench/gpu_env.sh
 cd bench
 if [[ $PART == all || $PART == tokenizer ]]; then
   $PY stage1.py --batch 256 --steps 10 --fp32-baseline || echo "FAILED stage1"
