@@ -67,6 +67,15 @@ def use_tiny() -> None:
     )
 
 
+def parse_args(parser, argv: list[str] | None):
+    """`parser`'s arguments and `--tiny`, which switches to `use_tiny()` (the form tests/bench runs)."""
+    parser.add_argument("--tiny", action="store_true", help="tiny models on the CPU: a smoke test, not a measurement")
+    args = parser.parse_args(argv)
+    if args.tiny:
+        use_tiny()
+    return args
+
+
 def on_gpu() -> bool:
     return SCALE.device.type == "cuda"
 

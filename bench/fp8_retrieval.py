@@ -19,7 +19,7 @@ import argparse
 import lightning as L
 import torch
 
-from common import REPO, SCALE, deviation, lightning_trainer, peak_memory_gib, report, reset_memory, use_tiny
+from common import REPO, SCALE, deviation, lightning_trainer, parse_args, peak_memory_gib, report, reset_memory
 from stage1 import contrastive_module
 
 SHARDS = REPO / "data/synthetic/shards"
@@ -56,10 +56,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=2000, help="at most this many steps (also the cosine's length)")
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--workers", type=int, default=8, help="DataLoader workers")
-    parser.add_argument("--tiny", action="store_true", help="tiny models on the CPU: a smoke test, not a measurement")
-    args = parser.parse_args(argv)
-    if args.tiny:
-        use_tiny()
+    args = parse_args(parser, argv)
     torch.backends.cuda.matmul.allow_tf32 = True
     reset_memory()
     module = contrastive_module(optim=OptimConfig(lr=args.lr, min_lr=args.lr / 10, warmup_start_lr=args.lr / 100,

@@ -27,8 +27,8 @@ import torch.nn.functional as F
 
 from common import (
     REPO, SCALE, counted_flops, cuda_time, deviation, device_name, image_caption_batches, lightning_trainer, loader,
-    measured_bf16_peak, mfu_fields, peak_memory_gib, plain_blip2_encoders, plain_causal_queries, plain_vit_tokens,
-    report, reset_memory, use_tiny,
+    measured_bf16_peak, mfu_fields, parse_args, peak_memory_gib, plain_blip2_encoders, plain_causal_queries,
+    plain_vit_tokens, report, reset_memory,
 )
 
 TEXT_TOKENIZER = str(REPO / "data/models/bert-tokenizer")
@@ -223,10 +223,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="in this order, after THE baseline (the most important first: a time limit cuts the last)")
     parser.add_argument("--fp32-baseline", action="store_true", help="also the baseline with fp32 frozen weights")
     parser.add_argument("--no-vit-bound", action="store_true", help="skip the plain ViT forward alone (run last)")
-    parser.add_argument("--tiny", action="store_true", help="tiny models on the CPU: a smoke test, not a measurement")
-    args = parser.parse_args(argv)
-    if args.tiny:
-        use_tiny()
+    args = parse_args(parser, argv)
     torch.backends.cuda.matmul.allow_tf32 = True
     peak = measured_bf16_peak()
     report("stage1", "bf16 matmul peak 8192^3", tflops=peak / 1e12, device=device_name())

@@ -26,8 +26,8 @@ import lightning as L
 import torch
 
 from common import (
-    REPO, SCALE, cuda_time, image_caption_batches, lightning_trainer, loader, peak_memory_gib, plain_blip2_encoders,
-    plain_causal_queries, plain_vit_tokens, report, reset_memory, synchronize, use_tiny,
+    REPO, SCALE, cuda_time, image_caption_batches, lightning_trainer, loader, parse_args, peak_memory_gib,
+    plain_blip2_encoders, plain_causal_queries, plain_vit_tokens, report, reset_memory, synchronize,
 )
 
 TEXT_TOKENIZER = str(REPO / "data/models/bert-tokenizer")
@@ -130,10 +130,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--epochs", type=int, default=3, help="per Lightning run; the first is warm-up (and cache fill)")
     parser.add_argument("--compile", action="store_true", help="also measure the cached side with compile=True")
     parser.add_argument("--gen", action="store_true", help="with L_gen (its target a random SD v1.4 text encoder)")
-    parser.add_argument("--tiny", action="store_true", help="tiny models on the CPU: a smoke test, not a measurement")
-    args = parser.parse_args(argv)
-    if args.tiny:
-        use_tiny()
+    args = parse_args(parser, argv)
     name = " with L_gen" if args.gen else ""
     with tempfile.TemporaryDirectory() as folder:
         target = generation_target_folder(Path(folder)) if args.gen else None
