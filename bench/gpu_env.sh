@@ -4,8 +4,9 @@ export BENCH_OUT=${BENCH_OUT:-$PWD/bench_out} PYTHONUNBUFFERED=1 TOKENIZERS_PARA
 export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
 mkdir -p "$BENCH_OUT"
 PY=${PYTHON:-python3}
-# GPU images often ship pytorch-lightning but not the `lightning` package, nor torchao (FP8) nor braceexpand (shards).
-for package in lightning torchao braceexpand; do
+# GPU images often ship pytorch-lightning but not the `lightning` package, nor torchao (FP8), braceexpand (the shard
+# loader) or webdataset (devkit.synthetic, which bench/rehearsal's CLIP vocabulary uses).
+for package in lightning torchao braceexpand webdataset; do
   $PY -c "import $package" 2>/dev/null || $PY -m pip install -q --no-deps --no-index .whl/$package-*.whl
 done
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
