@@ -50,6 +50,15 @@ def class_path(cls: type) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
 
 
+ENCODER_COMPILE_OPTIONS = {"triton.multi_kernel": 1, "fx_graph_cache": False}
+"""Inductor options of the frozen ViT encoder's compile. Multi-kernel lets Inductor also try single-pass
+(persistent) kernels for the wide LayerNorm/GELU rows and keep the faster (bench/RESULTS.md measures the gain).
+Its kernels cannot come back from Inductor's FX graph cache (torch 2.11 + Triton on the H200 image:
+`MultiKernelCall` reads `JITFunction._hash_lock`, None after deserialisation, and the compile fails), which a
+second compile of the same graph in one process hits, so that cache stays off for the encoder.
+"""
+
+
 class TokenizerModule(AdamWModule):
     """Base of the tokenizer's stage modules; build one of them (`model.class_path`), not this class."""
 
@@ -185,9 +194,7 @@ class TokenizerModule(AdamWModule):
             require_fp8_support(self.trainer.strategy.root_device, "model.vision_fp8")
             convert_linears_to_fp8(self.tokenizer.vision)  # the ViT's frozen trunk; the compiled encoder sits inside
         if self.hparams.compile:
-            # Multi-kernel lets Inductor also try single-pass (persistent) kernels for the wide LayerNorm/GELU
-            # rows and keep the faster; bench/RESULTS.md measures the gain.
-            encoder.compile(options={"triton.multi_kernel": 1})
+            encoder.compile(options=ENCODER_COMPILE_OPTIONS)
             for part in self._compiled_trained_parts():
                 part.compile()
 

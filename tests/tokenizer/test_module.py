@@ -296,3 +296,11 @@ def test_compile_compiles_the_frozen_trunk_and_in_stage_2_the_trained_parts(defa
         assert part._compiled_call_impl is not None
     codebook.setup("validate")  # a second setup (fit, then validate) changes nothing
     assert codebook.tokenizer.vision.model.encoder._compiled_call_impl is not None
+
+
+def test_the_encoder_compiles_without_the_fx_graph_cache_that_multi_kernel_breaks(default_world, tmp_path, monkeypatch):
+    compiles = []
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda module, **kwargs: compiles.append((module, kwargs)))
+    module = prepared(default_world, tmp_path, "32-true", compile=True)
+    options = {id(part): kwargs.get("options") for part, kwargs in compiles}[id(module.tokenizer.vision.model.encoder)]
+    assert options["triton.multi_kernel"] and options["fx_graph_cache"] is False
