@@ -169,7 +169,8 @@ class CLIPScoreCallback(IndexedValidationCallback):
                 grid = image_grid([row["images"] for row in shown], [row["caption"] for row in shown])
                 directory.mkdir(parents=True, exist_ok=True)
                 grid.save(directory / f"clip_grid_epoch{trainer.current_epoch}.png")
-                add_to_tensorboard(trainer, "image", "val/generated_images", to_chw_tensor(grid))
+                tag = "val/reconstructions" if shown[0]["original"] is not None else "val/generated_images"
+                add_to_tensorboard(trainer, "image", tag, to_chw_tensor(grid))
         publish(trainer, pl_module, metrics, prog_bar=("val/clip_score", "val/recon_clip_similarity"))
 
     @staticmethod
