@@ -9,6 +9,7 @@ PY := $(VENV)/bin/python
 SEED := $(VENV)/bin/seed-lightning
 DATA := data/synthetic
 MODELS := data/models
+DECODER := $(MODELS)/tiny-decoder
 TOKENIZER_RUN := checkpoints/tokenizer-tiny
 TOKENIZER := $(TOKENIZER_RUN)/seed_tokenizer
 TOKENS := $(DATA)/tokens
@@ -41,7 +42,11 @@ $(MODELS)/.complete: $(DATA)/.complete
 	$(PY) -m devkit.tiny_clip --data $(DATA) --out $(MODELS)/tiny-clip
 	@touch $@
 
-data: $(MODELS)/.complete  ## build the synthetic data set and the tiny local base models
+# Its own target (built once: order-only), so that a data folder made before it existed gains it.
+$(DECODER)/decoder/config.json: | $(MODELS)/.complete
+	$(PY) -m devkit.tiny_decoder --data $(DATA) --sd $(MODELS)/tiny-sd --out $(DECODER)
+
+data: $(MODELS)/.complete $(DECODER)/decoder/config.json  ## build the synthetic data set and the tiny local models
 
 train-tokenizer: data  ## train the tiny SEED tokenizer (stage 1 then stage 2) on the default data
 	$(SEED) tokenizer fit --config conf/tokenizer/tiny.yaml --ckpt_path last
