@@ -13,7 +13,6 @@ Over the first --images val images (their first caption), through the tiny decod
 """
 
 import argparse
-import io
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,15 +20,12 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from devkit.tiny_clip import read_captioned_images
 from seed_lightning.core.clip_score import CLIPScorer, clip_score, image_image_similarity
-from seed_lightning.core.data.shards import expand_urls, iter_tar_samples
-from seed_lightning.core.data.transforms import to_rgb
 from seed_lightning.core.errors import ConfigError, DataError
 from seed_lightning.tokenizer.image_decoder import ImageDecoder, TinyImageDecoder
 from seed_lightning.tokenizer.patch_decoder import PatchDecoder
 from seed_lightning.tokenizer.sd_text_encoder import SDTextEncoder
-
-IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 
 
 @dataclass
@@ -40,19 +36,8 @@ class ValImages:
 
 
 def read_val_images(pattern: str, count: int) -> ValImages:
-    images, captions = [], []
-    for url in expand_urls(pattern):
-        for sample in iter_tar_samples(url):
-            extension = next((ext for ext in IMAGE_EXTENSIONS if ext in sample), None)
-            if extension is None or sample.get("txt") is None:
-                continue
-            images.append(to_rgb(Image.open(io.BytesIO(sample[extension]))))
-            captions.append(sample["txt"].decode("utf-8"))
-            if len(images) == count:
-                return ValImages(images, captions)
-    if not images:
-        raise DataError(f"no image-caption samples in {pattern!r}: run `make data` first")
-    return ValImages(images, captions)
+    images, captions = read_captioned_images(pattern, limit=count)
+    return ValImages(images, [references[0] for references in captions])
 
 
 @torch.no_grad()

@@ -20,17 +20,15 @@ Deterministic: same data and seed -> same weights (on the same number of threads
 import argparse
 import itertools
 import json
-import math
 import shutil
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from devkit import synthetic
-from devkit.tiny_models import _build_once
+from devkit.tiny_models import build_cached, warmup_cosine
 from seed_lightning.core.data.shards import expand_urls, iter_tar_samples
 from seed_lightning.core.errors import ConfigError, DataError
 from seed_lightning.tokenizer.patch_decoder import PatchDecoder, PatchDecoderConfig
@@ -120,10 +118,7 @@ def train(decoder: PatchDecoder, embeddings: torch.Tensor, targets: torch.Tensor
           settings: TinyDecoderSettings) -> None:
     generator = torch.Generator().manual_seed(settings.seed)
     optimizer = torch.optim.AdamW(decoder.parameters(), lr=settings.lr, weight_decay=0.01)
-    warmup = 30
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * step / settings.steps))
-    )
+    schedule = warmup_cosine(optimizer, settings.steps, warmup=30)
     decoder.train()
     for _ in range(settings.steps):
         batch = torch.randint(len(embeddings), (settings.batch_size,), generator=generator)
@@ -172,28 +167,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=TinyDecoderSettings.steps, help="training steps")
     parser.add_argument("--force", action="store_true", help="rebuild even if the output folder exists")
     args = parser.parse_args(argv)
-    out = Path(args.out)
-    if out.exists() and not args.force:
-        print(f"tiny-decoder: {out} exists (use --force to rebuild)")
-        return 0
-    out.parent.mkdir(parents=True, exist_ok=True)
     from transformers.utils import logging as transformers_logging
 
     transformers_logging.disable_progress_bar()  # a bar per tiny file is noise in `make data`
     settings = TinyDecoderSettings(steps=args.steps)
-    errors: list[tuple[float, float]] = []
-    started = time.monotonic()
-    try:
-        _build_once(out.parent, out.name, lambda folder: errors.append(build_tiny_decoder(args.data, args.sd, folder,
-                                                                                          settings)),
-                    settings.seed, force=True)
-    except (ConfigError, DataError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    trained, untrained = errors[0]
-    print(f"tiny-decoder: {out} ({time.monotonic() - started:.0f} s); held-out pixel error (MSE) {trained:.4f}, "
-          f"untrained {untrained:.4f}")
-    return 0
+    return build_cached(
+        "tiny-decoder", Path(args.out), args.force, settings.seed,
+        lambda folder: build_tiny_decoder(args.data, args.sd, folder, settings),
+        lambda errors: f"held-out pixel error (MSE) {errors[0]:.4f}, untrained {errors[1]:.4f}",
+    )
 
 
 if __name__ == "__main__":
