@@ -63,7 +63,7 @@ class CLIPScoreCallback(IndexedValidationCallback):
             clip_model: CLIP model + processor scoring the images (hub id or a folder holding both; default: the
                 paper's).
             sd_path: Image decoder of the generation embeddings: Stable Diffusion (diffusers folder or hub id; default:
-                the paper's) or the tiny decoder of the default world (data/models/tiny-decoder, which ignores the
+                the paper's) or a tiny decoder folder (`make data` trains one for the default world; it ignores the
                 sampling settings).
             num_images: Val samples (the first by val index) generated and scored per evaluation.
             num_inference_steps: Diffusion sampling steps (reference: 50).

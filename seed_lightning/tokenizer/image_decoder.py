@@ -29,7 +29,7 @@ def check_image_decoder(source: str, option: str) -> None:
     """Preflight: `source` is a tiny decoder folder, or a Stable Diffusion folder / hub id that can be loaded."""
     if not is_patch_decoder(source):
         check_pretrained(source, option, marker="model_index.json",
-                         how="point it at a Stable Diffusion folder or hub id, or at data/models/tiny-decoder")
+                         how="point it at a Stable Diffusion folder or hub id, or at a tiny decoder folder (make data builds one)")
 
 
 class ImageDecoder(nn.Module):
