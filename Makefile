@@ -9,10 +9,11 @@ PY := $(VENV)/bin/python
 SEED := $(VENV)/bin/seed-lightning
 DATA := data/synthetic
 MODELS := data/models
-TOKENIZER_RUN := checkpoints/tokenizer-tiny
-TOKENIZER := $(TOKENIZER_RUN)/seed_tokenizer
+DECODER := $(MODELS)/tiny-decoder
+RUNS := checkpoints/tiny
+TOKENIZER := $(RUNS)/seed_tokenizer
 TOKENS := $(DATA)/tokens
-MLLM_RUN := checkpoints/mllm-tiny
+MLLM_RUN := $(RUNS)/mllm
 MLLM_CONFIG := conf/mllm/tiny.yaml
 PYTEST_ARGS ?=
 
@@ -41,13 +42,17 @@ $(MODELS)/.complete: $(DATA)/.complete
 	$(PY) -m devkit.tiny_clip --data $(DATA) --out $(MODELS)/tiny-clip
 	@touch $@
 
-data: $(MODELS)/.complete  ## build the synthetic data set and the tiny local base models
+# Its own target (built once: order-only), so that a data folder made before it existed gains it.
+$(DECODER)/decoder/config.json: | $(MODELS)/.complete
+	$(PY) -m devkit.tiny_decoder --data $(DATA) --sd $(MODELS)/tiny-sd --out $(DECODER)
+
+data: $(MODELS)/.complete $(DECODER)/decoder/config.json  ## build the synthetic data set and the tiny local models
 
 train-tokenizer: data  ## train the tiny SEED tokenizer (stage 1 then stage 2) on the default data
 	$(SEED) tokenizer fit --config conf/tokenizer/tiny.yaml --ckpt_path last
 	$(SEED) tokenizer fit --config conf/tokenizer/tiny.yaml --config conf/tokenizer/tiny-codebook.yaml --ckpt_path last
 	@echo; echo "Tokenizer saved to $(TOKENIZER)"; \
-	 echo "TensorBoard: $(VENV)/bin/tensorboard --logdir $(TOKENIZER_RUN)"
+	 echo "TensorBoard: $(VENV)/bin/tensorboard --logdir $(RUNS)"
 
 $(TOKENIZER)/model.safetensors: | $(MODELS)/.complete
 	$(MAKE) train-tokenizer
@@ -65,11 +70,11 @@ extract-tokens: data $(TOKENS)/.complete  ## encode every image once into token 
 train-mllm: extract-tokens  ## train the tiny multimodal LM on the token shards (runs train-tokenizer if needed)
 	$(SEED) mllm fit --config $(MLLM_CONFIG) --ckpt_path last
 	@echo; echo "Multimodal LM saved to $(MLLM_RUN)/export (merged/: plain Hugging Face model; adapter/: LoRA, when used)"; \
-	 echo "Try: $(SEED) caption IMAGE   |   $(SEED) vqa IMAGE \"QUESTION\"   |   $(SEED) generate \"CAPTION\" -o out.png --sd $(MODELS)/tiny-sd"; \
-	 echo "TensorBoard: $(VENV)/bin/tensorboard --logdir $(MLLM_RUN)"
+	 echo "Try: $(SEED) caption IMAGE   |   $(SEED) vqa IMAGE \"QUESTION\"   |   $(SEED) generate \"CAPTION\" -o out.png --sd $(DECODER)"; \
+	 echo "TensorBoard: $(VENV)/bin/tensorboard --logdir $(RUNS)"
 
 eval-tokenizer: data java  ## evaluate a tokenizer checkpoint: make eval-tokenizer CKPT=path.ckpt
-	@test -n "$(CKPT)" || { echo "usage: make eval-tokenizer CKPT=checkpoints/tokenizer-tiny/codebook/checkpoints/last.ckpt"; exit 2; }
+	@test -n "$(CKPT)" || { echo "usage: make eval-tokenizer CKPT=checkpoints/tiny/tokenizer-stage2/checkpoints/last.ckpt"; exit 2; }
 	$(SEED) tokenizer evaluate --config conf/tokenizer/tiny.yaml --config conf/tokenizer/tiny-codebook.yaml --ckpt_path $(CKPT)
 
 eval-mllm: data java  ## evaluate an MLLM checkpoint: make eval-mllm CKPT=path.ckpt

@@ -133,16 +133,19 @@ def _shape_outline(shape: str, cx: float, cy: float, radius: float) -> list[tupl
     raise ValueError(shape)
 
 
-def render(scene: Scene, rng: random.Random) -> Image.Image:
-    """Draws the scene without anti-aliasing, so every pixel is exactly a background or object colour."""
+def render(scene: Scene, rng: random.Random | None) -> Image.Image:
+    """Draws the scene without anti-aliasing, so every pixel is exactly a background or object colour. `rng` moves
+    each object a little inside its cell; None draws every object at the centre of its cell."""
     image = Image.new("RGB", (scene.width, scene.height), BACKGROUNDS[scene.background])
     draw = ImageDraw.Draw(image)
     cell_w, cell_h = scene.width / 3, scene.height / 3
     for obj in scene.objects:
         radius = SIZES[obj.size] * min(cell_w, cell_h) / 2
         slack_x, slack_y = cell_w / 2 - radius, cell_h / 2 - radius
-        cx = (obj.col + 0.5) * cell_w + rng.uniform(-0.5, 0.5) * slack_x
-        cy = (obj.row + 0.5) * cell_h + rng.uniform(-0.5, 0.5) * slack_y
+        cx, cy = (obj.col + 0.5) * cell_w, (obj.row + 0.5) * cell_h
+        if rng is not None:
+            cx += rng.uniform(-0.5, 0.5) * slack_x
+            cy += rng.uniform(-0.5, 0.5) * slack_y
         fill = COLORS[obj.color]
         if obj.shape == "circle":
             draw.ellipse((cx - radius, cy - radius, cx + radius, cy + radius), fill=fill)

@@ -12,10 +12,8 @@ Deterministic: same data and seed -> same weights.
 import argparse
 import io
 import json
-import math
 import random
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,11 +21,11 @@ import torch
 from PIL import Image
 from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
 
-from devkit.tiny_models import _build_once, build_clip_tokenizer, read_corpus
+from devkit.tiny_models import build_cached, build_clip_tokenizer, read_corpus, warmup_cosine
 from seed_lightning.core.clip_score import clip_score
 from seed_lightning.core.data.shards import expand_urls, iter_tar_samples
 from seed_lightning.core.data.transforms import CLIP_MEAN, CLIP_STD, to_rgb
-from seed_lightning.core.errors import ConfigError, DataError
+from seed_lightning.core.errors import DataError
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 
@@ -66,8 +64,9 @@ class Pairs:
     captions: list[list[str]]
 
 
-def read_pairs(pattern: str, processor: CLIPProcessor) -> Pairs:
-    """Every sample of the shards matching `pattern`, images through the CLIP image processor."""
+def read_captioned_images(pattern: str, limit: int | None = None) -> tuple[list[Image.Image], list[list[str]]]:
+    """The image-caption samples of the shards matching `pattern` (the first `limit` of them, None: all): RGB
+    images and, per image, all its reference captions (KEY.json's, else KEY.txt; the first is KEY.txt's)."""
     images, captions = [], []
     for url in expand_urls(pattern):
         for sample in iter_tar_samples(url):
@@ -77,8 +76,16 @@ def read_pairs(pattern: str, processor: CLIPProcessor) -> Pairs:
             images.append(to_rgb(Image.open(io.BytesIO(sample[extension]))))
             meta = json.loads(sample["json"]) if sample.get("json") else {}
             captions.append(list(meta.get("captions") or [sample["txt"].decode("utf-8")]))
+            if len(images) == limit:
+                return images, captions
     if not images:
         raise DataError(f"no image-caption samples in {pattern!r}: run `python -m devkit.synthetic` first")
+    return images, captions
+
+
+def read_pairs(pattern: str, processor: CLIPProcessor) -> Pairs:
+    """Every sample of the shards matching `pattern`, images through the CLIP image processor."""
+    images, captions = read_captioned_images(pattern)
     pixel_values = processor(images=images, return_tensors="pt")["pixel_values"]
     return Pairs(pixel_values, captions)
 
@@ -112,10 +119,7 @@ def train(model: CLIPModel, processor: CLIPProcessor, pairs: Pairs, settings: Ti
     rng = random.Random(settings.seed)
     generator = torch.Generator().manual_seed(settings.seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=0.05)
-    warmup = 10
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * step / settings.steps))
-    )
+    schedule = warmup_cosine(optimizer, settings.steps, warmup=10)
     model.train()
     count = len(pairs.captions)
     for _ in range(settings.steps):
@@ -165,24 +169,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=TinyCLIPSettings.steps, help="training steps")
     parser.add_argument("--force", action="store_true", help="rebuild even if the output folder exists")
     args = parser.parse_args(argv)
-    out = Path(args.out)
-    if out.exists() and not args.force:
-        print(f"tiny-clip: {out} exists (use --force to rebuild)")
-        return 0
-    out.parent.mkdir(parents=True, exist_ok=True)
     settings = TinyCLIPSettings(steps=args.steps)
-    scores: list[tuple[float, float]] = []
-    started = time.monotonic()
-    try:
-        _build_once(out.parent, out.name, lambda folder: scores.append(build_tiny_clip(args.data, folder, settings)),
-                    settings.seed, force=True)
-    except (ConfigError, DataError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    matched, mismatched = scores[0]
-    print(f"tiny-clip: {out} ({time.monotonic() - started:.0f} s); held-out CLIP score matched {matched:.1f}, "
-          f"mismatched {mismatched:.1f}")
-    return 0
+    return build_cached(
+        "tiny-clip", Path(args.out), args.force, settings.seed,
+        lambda folder: build_tiny_clip(args.data, folder, settings),
+        lambda scores: f"held-out CLIP score matched {scores[0]:.1f}, mismatched {scores[1]:.1f}",
+    )
 
 
 if __name__ == "__main__":

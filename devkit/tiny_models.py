@@ -20,17 +20,23 @@ Weights come from fixed seeds, so a rebuild gives the same models.
 
 import argparse
 import collections
+import math
 import shutil
 import string
+import sys
 import tempfile
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 from tokenizers import normalizers, pre_tokenizers
 
-from seed_lightning.core.errors import ConfigError
+from seed_lightning.core.errors import ConfigError, DataError
+
+T = TypeVar("T")
 
 BERT_TOKENIZER = "bert-tokenizer"
 TINY_BLIP2 = "tiny-blip2"
@@ -334,6 +340,33 @@ def _build_once(out: Path, name: str, build: Callable[[Path], None], seed: int, 
         if staging.exists():
             shutil.rmtree(staging)
     return target
+
+
+def warmup_cosine(optimizer: torch.optim.Optimizer, steps: int, warmup: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """The trained fixtures' schedule: linear warm-up over `warmup` steps, then cosine decay to 0 at `steps`."""
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * step / steps))
+    )
+
+
+def build_cached(name: str, out: Path, force: bool, seed: int, build: Callable[[Path], T],
+                 report: Callable[[T], str]) -> int:
+    """A trained fixture's command: skips an existing `out` (unless `force`), else runs `build(folder)` into it (see
+    `_build_once`) and prints `name`, the time it took and `report(result)`. A ConfigError / DataError prints one
+    line and returns 2."""
+    if out.exists() and not force:
+        print(f"{name}: {out} exists (use --force to rebuild)")
+        return 0
+    out.parent.mkdir(parents=True, exist_ok=True)
+    results: list[T] = []
+    started = time.monotonic()
+    try:
+        _build_once(out.parent, out.name, lambda folder: results.append(build(folder)), seed, force=True)
+    except (ConfigError, DataError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(f"{name}: {out} ({time.monotonic() - started:.0f} s); {report(results[0])}")
+    return 0
 
 
 def build_all(corpus: str | Path, out: str | Path, seed: int = 0, force: bool = False) -> dict[str, Path]:

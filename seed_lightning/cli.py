@@ -28,12 +28,12 @@ import warnings
 from seed_lightning.core.errors import ConfigError, DataError, run_command
 
 
-DEFAULT_MLLM = "checkpoints/mllm-tiny/export/merged"
+DEFAULT_MLLM = "checkpoints/tiny/mllm/export/merged"
 """Where `make train-mllm` leaves the merged multimodal LM."""
-DEFAULT_TOKENIZER = "checkpoints/tokenizer-tiny/seed_tokenizer"
+DEFAULT_TOKENIZER = "checkpoints/tiny/seed_tokenizer"
 """Where `make train-tokenizer` leaves the SEED tokenizer."""
 DEFAULT_SD = "CompVis/stable-diffusion-v1-4"
-"""The paper's Stable Diffusion; `make train-mllm` prints the --sd of the tiny one."""
+"""The paper's Stable Diffusion; `make train-mllm` prints the --sd of the default world's tiny decoder."""
 
 PRODUCTS = {
     "tokenizer": "seed_lightning.tokenizer.module:TokenizerModule",
@@ -49,7 +49,7 @@ commands:
   mllm {fit,validate,evaluate} ...        train / validate / evaluate the multimodal LM on token shards (LightningCLI)
   caption IMAGE                           describe an image with a trained multimodal LM
   vqa IMAGE "QUESTION"                    answer a question about an image
-  generate "CAPTION" -o OUT.png           draw an image for a caption (LM codes -> tokenizer -> Stable Diffusion)
+  generate "CAPTION" -o OUT.png           draw an image for a caption (LM codes -> tokenizer -> image decoder)
 """
 
 
@@ -142,11 +142,12 @@ def _vqa_command(argv: list[str]) -> None:
 
 
 def _generate_command(argv: list[str]) -> None:
-    parser = _inference_parser("generate", "Draw an image for a caption: LM codes -> generation embeddings -> SD.")
+    parser = _inference_parser("generate", "Draw an image for a caption: LM codes -> generation embeddings -> image "
+                                           "decoder (Stable Diffusion, or the tiny decoder of the default world).")
     parser.add_argument("caption", help="the caption, in quotes")
     parser.add_argument("-o", "--output", required=True, help="output image file (e.g. out.png)")
-    parser.add_argument("--sd", default=DEFAULT_SD, help="Stable Diffusion folder or hub id (UNet, VAE, scheduler)")
-    parser.add_argument("--steps", type=int, default=50, help="denoising steps")
+    parser.add_argument("--sd", default=DEFAULT_SD, help="image decoder: a Stable Diffusion folder or hub id, or a tiny decoder folder")
+    parser.add_argument("--steps", type=int, default=50, help="denoising steps (Stable Diffusion)")
     parser.add_argument("--guidance-scale", type=float, default=7.5)
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of the 32 codes")

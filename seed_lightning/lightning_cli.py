@@ -18,7 +18,8 @@ what differs:
 - `throughput`: images/s, tokens/s, model FLOP/s and, with `throughput.peak_flops`, MFU in TensorBoard;
 - `trainer.callbacks`: learning-rate monitor, NonFiniteGuard and PreemptionCheckpoint; a config adds its own with
   `callbacks+:` (`callbacks:` replaces the list);
-- TensorBoard, seed 0.
+- TensorBoard (`core/tensorboard.py`: no placeholder `hp_metric`; the run's config with its final metrics in
+  HPARAMS), seed 0.
 """
 
 import logging
@@ -37,6 +38,7 @@ from seed_lightning.core.errors import ConfigError, SeedLightningError
 from seed_lightning.core.io import atomic_open
 from seed_lightning.core.model_checkpoint import ModelCheckpoint
 from seed_lightning.core.preflight import format_cli_error, preflight_config
+from seed_lightning.core.tensorboard import log_hyperparameters_with_metrics, run_hyperparameters
 from seed_lightning.core.throughput import ThroughputCallback
 from seed_lightning.evaluate import NO_CHECKPOINT_TO_EVALUATE, SeedTrainer
 
@@ -53,7 +55,7 @@ RUN_DEFAULTS = {
     "checkpoint.filename": "best-{epoch}-{step}",
     "checkpoint.save_top_k": 1,
     "checkpoint.save_last": True,
-    "trainer.logger": {"class_path": "lightning.pytorch.loggers.TensorBoardLogger", "init_args": {"version": ""}},
+    "trainer.logger": {"class_path": "seed_lightning.core.tensorboard.TensorBoardLogger", "init_args": {"version": ""}},
     "trainer.plugins": [{"class_path": "seed_lightning.core.checkpointing.AtomicCheckpointIO"}],
     "trainer.callbacks": [
         {"class_path": "lightning.pytorch.callbacks.LearningRateMonitor", "init_args": {"logging_interval": "step"}},
@@ -94,7 +96,8 @@ def link_data_to_model(parser, model_class: type) -> None:
 class RunConfigCallback(SaveConfigCallback):
     """Writes the run's config.yaml (`save_run_config`) once training has started, not at setup: a run
     that fails during setup, checkpoint restore or the sanity check leaves the folder as it was.
-    `validate` and `evaluate` write none (they produce no checkpoint)."""
+    `validate` and `evaluate` write none (they produce no checkpoint). When fit ends, the config goes to
+    TensorBoard's HPARAMS tab with the run's final metrics."""
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         pass
@@ -103,6 +106,10 @@ class RunConfigCallback(SaveConfigCallback):
         log_dir = trainer.log_dir  # every rank: it broadcasts
         if trainer.is_global_zero:
             save_run_config(log_dir, self.parser.dump(self.config, skip_none=False))
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        config = yaml.safe_load(self.parser.dump(self.config, skip_none=False))
+        log_hyperparameters_with_metrics(trainer, run_hyperparameters(config))
 
 
 def _run_settings(config_text: str) -> dict | None:

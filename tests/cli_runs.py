@@ -12,6 +12,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
 from webdataset import TarWriter
 
 from seed_lightning.core.data.shards import iter_tar_samples
@@ -129,10 +131,9 @@ def assert_same_evaluation(one: Path, two: Path, losses: Sequence[str]) -> dict[
 
 CLIP_SCORE_CALLBACK = """\
     - class_path: seed_lightning.tokenizer.clip_score_callback.CLIPScoreCallback
-      init_args: {clip_model: data/models/tiny-clip, sd_path: data/models/tiny-sd, num_images: 6,
-                  num_inference_steps: 2}"""
-"""The CLIP-score callback (with its image grid) as a YAML list item of trainer.callbacks: 6 images, 2 diffusion
-steps."""
+      init_args: {clip_model: data/models/tiny-clip, sd_path: data/models/tiny-decoder, num_images: 6}"""
+"""The CLIP-score callback (with its image grid) as a YAML list item of trainer.callbacks: 6 images through the
+tiny decoder."""
 
 
 def val_images(path: Path, start: int, count: int) -> str:
@@ -148,7 +149,7 @@ def val_images(path: Path, start: int, count: int) -> str:
 
 def mllm_overlay(tokenizer: str, tokens: Path, num_codes: int, val_batch_size: int) -> str:
     """A YAML layered on conf/mllm/tiny.yaml: this tokenizer and its token shards, the generation callbacks kept
-    but small (a short caption, 6 generated images of 2 diffusion steps), no progress bar."""
+    but small (a short caption, 6 generated images), no progress bar."""
     return f"""
 trainer:
   enable_progress_bar: false
@@ -172,3 +173,21 @@ data:
   val_batch_size: {val_batch_size}
   num_workers: 0
 """
+
+
+DASHBOARD_SECTIONS = ("train", "val", "throughput", "data")
+"""The scalar sections a run's TensorBoard may have (`data` only when samples were skipped)."""
+
+
+def assert_dashboard(log_dir: Path, hyperparameter: tuple[str, float], metric: str) -> None:
+    """The run's TensorBoard has no placeholder hp_metric nor an `epoch` section, and its HPARAMS row holds the
+    config with the final metrics."""
+    events = EventAccumulator(str(log_dir))
+    events.Reload()
+    tags = events.Tags()["scalars"]
+    assert "hp_metric" not in tags and "epoch" not in tags and "train/epoch" in tags and "train/lr" in tags
+    assert all(tag.split("/")[0] in DASHBOARD_SECTIONS for tag in tags), tags
+    plugin = {tag: HParamsPluginData.FromString(content) for tag, content in events.PluginTagToContent("hparams").items()}
+    name, value = hyperparameter
+    assert plugin["_hparams_/session_start_info"].session_start_info.hparams[name].number_value == pytest.approx(value)
+    assert metric in [info.name.tag for info in plugin["_hparams_/experiment"].experiment.metric_infos]

@@ -25,6 +25,7 @@ LIGHTNING_FREE = [
     "seed_lightning.tokenizer.heads",
     "seed_lightning.tokenizer.sd_text_encoder",
     "seed_lightning.tokenizer.image_decoder",
+    "seed_lightning.tokenizer.patch_decoder",
     "seed_lightning.tokenizer.model",
     "seed_lightning.tokenizer.losses",
     "seed_lightning.tokenizer.retrieval",

@@ -13,6 +13,7 @@ from torch import nn
 
 from seed_lightning.core.errors import ConfigError
 from seed_lightning.core.rng import restore_rng_states, save_rng_states
+from seed_lightning.core.tensorboard import LEARNING_RATE_TAG
 
 
 @dataclass
@@ -87,11 +88,12 @@ def learning_rate(step: int, total_steps: int, config: OptimConfig) -> float:
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, config: OptimConfig, total_steps: int):
-    """A per-step LambdaLR following `learning_rate`, in the dict form Lightning expects."""
+    """A per-step LambdaLR following `learning_rate`, in the dict form Lightning expects; LearningRateMonitor shows
+    it among the training charts (`train/lr`, one chart per parameter group)."""
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: learning_rate(step, total_steps, config) / config.lr
     )
-    return {"scheduler": scheduler, "interval": "step", "frequency": 1}
+    return {"scheduler": scheduler, "interval": "step", "frequency": 1, "name": LEARNING_RATE_TAG}
 
 
 class AdamWModule(L.LightningModule):

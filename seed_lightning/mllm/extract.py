@@ -1,6 +1,6 @@
 """Offline tokenisation: every image of a set of image shards -> its SEED codes, once, into token shards.
 
-    seed-lightning extract-tokens --tokenizer checkpoints/tokenizer-tiny/seed_tokenizer \
+    seed-lightning extract-tokens --tokenizer checkpoints/tiny/seed_tokenizer \
         --shards 'data/synthetic/shards/train-{000000..000003}.tar' --out data/synthetic/tokens --prefix train
 
 Images go through the tokenizer's own preprocessing (the official inference input), batched, under no_grad.

@@ -11,6 +11,7 @@ from seed_lightning.core.io import write_json_atomic
 from seed_lightning.core.preflight import check_files
 from seed_lightning.core.validation import (
     IndexedValidationCallback,
+    add_to_tensorboard,
     check_positive,
     publish,
     require_attribute,
@@ -30,7 +31,7 @@ class VQAAccuracyCallback(IndexedValidationCallback):
     val/vqa_questions (questions scored) and, given the train annotations, the majority-answer
     baseline on the same questions as val/vqa_acc_majority_baseline. Writes
     ``vqa_results_epoch{N}.json`` (official results format) and ``vqa_accuracy_epoch{N}.json`` (the
-    official accuracy report) into the run folder.
+    official accuracy report) into the run folder, and shows sample answers as TensorBoard text (val/vqa_answers).
     """
 
     def __init__(
@@ -41,6 +42,7 @@ class VQAAccuracyCallback(IndexedValidationCallback):
         num_beams: int = 5,
         max_new_tokens: int = 10,
         every_n_epochs: int = 1,
+        num_logged_samples: int = 16,
     ) -> None:
         """
         Args:
@@ -50,9 +52,11 @@ class VQAAccuracyCallback(IndexedValidationCallback):
             num_beams: Beam width of answer generation (reference: 5).
             max_new_tokens: Longest answer generated, in LM tokens.
             every_n_epochs: Evaluate after every n-th training epoch (trainer.validate always evaluates).
+            num_logged_samples: Questions shown with the predicted and the human answers as TensorBoard text.
         """
         super().__init__(every_n_epochs)
         check_positive(num_beams=num_beams, max_new_tokens=max_new_tokens)
+        self.num_logged_samples = num_logged_samples
         self.questions_path = questions
         self.annotations_path = annotations
         self.train_annotations_path = train_annotations
@@ -117,7 +121,21 @@ class VQAAccuracyCallback(IndexedValidationCallback):
         metrics = None
         if trainer.is_global_zero:
             metrics = self.score(predictions, directory, trainer.current_epoch)
+            if self.num_logged_samples:
+                add_to_tensorboard(trainer, "text", "val/vqa_answers", self.samples_table(predictions))
         publish(trainer, pl_module, metrics, prog_bar=("val/vqa_acc",))
+
+    def samples_table(self, predictions: dict[int, str]) -> str:
+        """The first `num_logged_samples` questions (by question id) as a Markdown table: image, question, the
+        predicted answer and the human answers."""
+        asked = {question_id: (image_id, question) for image_id, questions in self._questions_by_image.items()
+                 for question_id, question in questions}
+        lines = ["| image | question | answer | human answers |", "| --- | --- | --- | --- |"]
+        for question_id in sorted(predictions)[: self.num_logged_samples]:
+            image_id, question = asked[question_id]
+            humans = ", ".join(dict.fromkeys(a["answer"] for a in self._annotations[question_id]["answers"]))
+            lines.append(f"| {image_id} | {question} | {predictions[question_id]} | {humans} |")
+        return "\n".join(lines)
 
     def score(self, predictions: dict[int, str], directory: Path, epoch: int) -> dict[str, float]:
         """Official accuracy of `predictions` (question id -> answer) in percent; writes the result files."""

@@ -1,15 +1,15 @@
 """CLIP score of generated images on validation, and the tokenizer's reconstruction CLIP similarity.
 
 - MLLM module (has ``.mllm`` and ``.seed_tokenizer``): text-to-image from val captions
-  (``mllm.generate_image_codes`` -> ``seed_tokenizer.decode`` -> Stable Diffusion) -> val/clip_score.
+  (``mllm.generate_image_codes`` -> ``seed_tokenizer.decode`` -> image decoder) -> val/clip_score.
 - the tokenizer's CodebookModule (has ``.tokenizer`` and ``trains_codebook``): every val image regenerated from
   its own 32 codes -> val/recon_clip_similarity (image-image, the paper's reconstruction metric) and
   val/recon_clip_score (regenerated image vs its caption). Nothing in stage 1 (ContrastiveModule): the
   codebook and generation head are not trained yet.
 
 Both in torchmetrics' CLIPScore convention (100 x mean cosine, clamped at 0), with one CLIP model
-(hub id or local folder) for every number. A grid (original | regenerated, caption under it) goes to
-TensorBoard.
+(hub id or local folder) for every number. A grid goes to TensorBoard: val/reconstructions (original |
+regenerated, caption under it) or val/generated_images (the MLLM's images, caption under each).
 """
 
 from pathlib import Path
@@ -31,7 +31,7 @@ from seed_lightning.core.validation import (
     publish,
     require_attribute,
 )
-from seed_lightning.tokenizer.image_decoder import ImageDecoder
+from seed_lightning.tokenizer.image_decoder import ImageDecoder, check_image_decoder
 
 
 def denormalize(pixel_values: torch.Tensor, mean, std) -> list[Image.Image]:
@@ -62,8 +62,9 @@ class CLIPScoreCallback(IndexedValidationCallback):
         Args:
             clip_model: CLIP model + processor scoring the images (hub id or a folder holding both; default: the
                 paper's).
-            sd_path: Stable Diffusion (diffusers folder or hub id; default: the paper's) decoding generation
-                embeddings to images.
+            sd_path: Image decoder of the generation embeddings: Stable Diffusion (diffusers folder or hub id; default:
+                the paper's) or a tiny decoder folder (`make data` trains one for the default world; it ignores the
+                sampling settings).
             num_images: Val samples (the first by val index) generated and scored per evaluation.
             num_inference_steps: Diffusion sampling steps (reference: 50).
             guidance_scale: Classifier-free guidance scale (reference: 7.5).
@@ -91,11 +92,10 @@ class CLIPScoreCallback(IndexedValidationCallback):
 
     @classmethod
     def check_requirements(cls, init_args: dict[str, Any], stage: str) -> None:
-        """The CLIP model and Stable Diffusion exist as folders, in the Hugging Face cache or on the hub (see
+        """The CLIP model and the image decoder exist as folders, in the Hugging Face cache or on the hub (see
         `seed_lightning.core.preflight`)."""
         check_pretrained(init_args["clip_model"], f"{cls.__name__} clip_model")
-        check_pretrained(init_args["sd_path"], f"{cls.__name__} sd_path",
-                         marker="model_index.json")
+        check_image_decoder(init_args["sd_path"], f"{cls.__name__} sd_path")
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if hasattr(pl_module, "mllm"):
@@ -169,7 +169,8 @@ class CLIPScoreCallback(IndexedValidationCallback):
                 grid = image_grid([row["images"] for row in shown], [row["caption"] for row in shown])
                 directory.mkdir(parents=True, exist_ok=True)
                 grid.save(directory / f"clip_grid_epoch{trainer.current_epoch}.png")
-                add_to_tensorboard(trainer, "image", "val/generated_images", to_chw_tensor(grid))
+                tag = "val/reconstructions" if shown[0]["original"] is not None else "val/generated_images"
+                add_to_tensorboard(trainer, "image", tag, to_chw_tensor(grid))
         publish(trainer, pl_module, metrics, prog_bar=("val/clip_score", "val/recon_clip_similarity"))
 
     @staticmethod

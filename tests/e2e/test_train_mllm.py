@@ -19,14 +19,16 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from seed_lightning import cli
 from seed_lightning.core.data.shards import iter_tar_samples
 from seed_lightning.mllm.model import MultimodalLM, MultimodalLMConfig
+from tests.cli_runs import assert_dashboard
 from tests.mllm.test_extract import save_tokenizer
 
 REPO = Path(__file__).resolve().parents[2]
 DATA = REPO / "data" / "synthetic"
 MODELS = REPO / "data" / "models"
 NUM_CODES = 256
-EXPORT = Path("checkpoints/mllm-tiny/export")
-"""Where conf/mllm/tiny.yaml exports, relative to the working directory."""
+RUN = Path("checkpoints/tiny/mllm")
+"""Where conf/mllm/tiny.yaml logs, keeps its checkpoints and exports, relative to the working directory."""
+EXPORT = RUN / "export"
 
 
 def first_val_image(path: Path) -> str:
@@ -69,14 +71,15 @@ def test_extract_train_export_and_use(tmp_path, monkeypatch, capsys):
     (tmp_path / "mllm.yaml").write_text(yaml.safe_dump(config))
     assert cli.main(["mllm", "fit", "-c", "mllm.yaml", "--ckpt_path", "last"]) == 0
 
-    caption_losses = scalars(tmp_path / "checkpoints" / "mllm-tiny" / "logs", "val/caption_loss")
+    caption_losses = scalars(tmp_path / RUN, "val/caption_loss")
     assert len(caption_losses) == 3
     assert caption_losses[0] < math.log(len(MultimodalLM.load(EXPORT / "merged").tokenizer))
     assert caption_losses[-1] < caption_losses[0] - 0.2, caption_losses
-    assert scalars(tmp_path / "checkpoints" / "mllm-tiny" / "logs", "throughput/tokens_per_sec")
+    assert scalars(tmp_path / RUN, "throughput/tokens_per_sec")
+    assert_dashboard(tmp_path / RUN, hyperparameter=("model.optim.lr", 1e-3), metric="val/caption_loss")
     saved = json.loads((EXPORT / "merged" / "seed_mllm.json").read_text())
     assert saved["weights"] == "full" and saved["config"]["num_visual_codes"] == NUM_CODES
-    assert (tmp_path / "checkpoints" / "mllm-tiny" / "checkpoints" / "last.ckpt").is_file()
+    assert (tmp_path / RUN / "checkpoints" / "last.ckpt").is_file()
 
     image = first_val_image(tmp_path / "image.png")
     common = ["--mllm", str(EXPORT / "merged"), "--tokenizer", tokenizer, "--device", "cpu"]
@@ -85,8 +88,7 @@ def test_extract_train_export_and_use(tmp_path, monkeypatch, capsys):
     assert capsys.readouterr().out.strip()
     assert cli.main(["vqa", image, "is there a star?", *common, "--num-beams", "2"]) == 0
     assert capsys.readouterr().out.count("\n") == 1, "one answer line (it may be empty this early in training)"
-    assert cli.main(["generate", "a red circle", "-o", "out.png", *common, "--sd", str(MODELS / "tiny-sd"),
-                     "--steps", "2"]) == 0
+    assert cli.main(["generate", "a red circle", "-o", "out.png", *common, "--sd", str(MODELS / "tiny-decoder")]) == 0
     assert Image.open(tmp_path / "out.png").size[0] > 0
 
 

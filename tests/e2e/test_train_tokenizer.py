@@ -12,7 +12,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from seed_lightning.core.data.datamodule import ShardDataModule
 from seed_lightning.tokenizer.model import SeedTokenizer
 from seed_lightning.tokenizer.retrieval import retrieval_recall
-from tests.cli_runs import CLI, run_ok
+from tests.cli_runs import CLI, assert_dashboard, run_ok
 
 
 def overlay(run: Path, stage: str, callbacks: str = "", data: str = "") -> str:
@@ -79,6 +79,8 @@ def test_tiny_default_tokenizer_learns(default_world, tmp_path):
         events = EventAccumulator(str(tmp_path / stage))
         events.Reload()
         assert {"throughput/samples_per_sec", "throughput/flops_per_sec"} <= set(events.Tags()["scalars"]), stage
+    assert_dashboard(tmp_path / "contrastive", hyperparameter=("model.optim.lr", 5e-4), metric="val/t2i_R@1")
+    assert_dashboard(tmp_path / "codebook", hyperparameter=("model.optim.lr", 1e-3), metric="val/loss")
     tokenizer = SeedTokenizer.load(tmp_path / "seed_tokenizer").eval()
     recall = val_retrieval(tokenizer, default_world)
     chance = 100 / 256  # percent: one right image among the 256 val images

@@ -320,6 +320,8 @@ def test_without_java_the_mllm_run_stops_in_one_line_before_the_model_is_built(m
      "model.vqa_train: file nowhere.json does not exist"),
     ({"callbacks": {"CLIPScoreCallback": {"clip_model": "data/models/no-clip-here"}}},
      "CLIPScoreCallback clip_model: folder data/models/no-clip-here does not exist"),
+    ({"callbacks": {"CLIPScoreCallback": {"sd_path": "data/models/no-decoder-here"}}},
+     "CLIPScoreCallback sd_path: folder data/models/no-decoder-here does not exist"),
     ({"tokenizer": "checkpoints/no-tokenizer/seed_tokenizer"},
      "model.tokenizer: folder checkpoints/no-tokenizer/seed_tokenizer does not exist; train the tokenizer first"),
 ])

@@ -11,6 +11,7 @@ from torch.utils.data import DataLoader
 from seed_lightning.core import validation as validation_callbacks
 from seed_lightning.core.errors import DataError
 from seed_lightning.mllm.vqa import majority_answer_baseline, vqa_accuracy
+from seed_lightning.mllm import vqa_callback
 from seed_lightning.mllm.vqa_callback import VQAAccuracyCallback
 
 # (image_id, question_id, question, answer type, question type, 10 human answers, the fake model's answer)
@@ -128,3 +129,19 @@ def test_no_val_image_with_questions_is_a_data_error(tmp_path):
     question_file, annotation_file, _ = write_vqa_files(tmp_path)
     with pytest.raises(DataError, match="no val image has a question"):
         validate(tmp_path, VQAAccuracyCallback(str(question_file), str(annotation_file)), make_batch([999], [0]))
+
+
+def test_sample_answers_are_shown_as_text_with_their_question_and_the_human_answers(tmp_path, monkeypatch):
+    question_file, annotation_file, _ = write_vqa_files(tmp_path)
+    shown = []
+    monkeypatch.setattr(vqa_callback, "add_to_tensorboard", lambda trainer, *args: shown.append(args))
+    callback = VQAAccuracyCallback(str(question_file), str(annotation_file), num_logged_samples=3)
+    validate(tmp_path, callback, make_batch([100, 101], [0, 1]), make_batch([102, 103], [2, 3]))
+    ((kind, tag, table),) = shown
+    assert (kind, tag) == ("text", "val/vqa_answers")
+    rows = table.splitlines()[2:]
+    assert rows == [
+        "| 100 | is the background white? | Yes | yes |",
+        "| 100 | how many circles are there? | 2 | two, 2, 3 |",
+        "| 101 | what color is the star? | Red. | red, the red, blue |",
+    ]

@@ -8,6 +8,7 @@ import pytest
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from PIL import Image
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch.utils.data import DataLoader
 
 from devkit import tiny_clip, tiny_models
@@ -99,6 +100,12 @@ def validate(tmp_path, module, callback, *batches):
     return trainer.validate(module, dataloaders=DataLoader(list(batches), batch_size=None), verbose=False)[0]
 
 
+def image_tags(run_dir) -> list[str]:
+    events = EventAccumulator(str(run_dir))
+    events.Reload()
+    return events.Tags()["images"]
+
+
 def by_hand(features_a: torch.Tensor, features_b: torch.Tensor) -> float:
     a = features_a / features_a.norm(dim=-1, keepdim=True)
     b = features_b / features_b.norm(dim=-1, keepdim=True)
@@ -124,6 +131,7 @@ def test_text_to_image_clip_score_equals_100_max_cos(tmp_path, model_dirs):
     assert results["val/clip_score"] == pytest.approx(expected, abs=1e-4)
     grid = Image.open(tmp_path / "run" / "clip_grid_epoch0.png")
     assert grid.width == 128 + 2 * 2 and grid.height > 2 * 128  # 2 rows, one generated image each
+    assert image_tags(tmp_path / "run") == ["val/generated_images"]
 
 
 def test_reconstruction_similarity_uses_original_images(tmp_path, model_dirs):
@@ -143,6 +151,7 @@ def test_reconstruction_similarity_uses_original_images(tmp_path, model_dirs):
     assert expected_similarity > 0, "the test must tell a clamped 0 from a computed value"
     grid = Image.open(tmp_path / "run" / "clip_grid_epoch0.png")
     assert grid.width == 2 * (128 + 2) + 2  # original | regenerated
+    assert image_tags(tmp_path / "run") == ["val/reconstructions"]
 
 
 def test_contrastive_stage_generates_nothing(tmp_path, model_dirs):
