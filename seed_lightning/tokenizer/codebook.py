@@ -2,11 +2,11 @@
 
 ViT + Causal Q-Former frozen, and so is L_gen's target, the SD text encoder: their outputs (causal embeddings
 per image, 77 x D text embeddings per caption) are cached on disk after the first visit (`EmbeddingCache`), so
-later epochs run neither tower. It trains the codebook, its task layers and both heads with vq_weight * L_vq +
-recon_weight * L_recon + gen_weight * L_gen, starting from stage 1's checkpoint or exported tokenizer (`init_from`).
+later epochs run neither tower (the DataLoader workers read the cached outputs into the batches: `FrozenOutputs`).
+It trains the codebook, its task layers and both heads with vq_weight * L_vq + recon_weight * L_recon + gen_weight *
+L_gen, starting from stage 1's checkpoint or exported tokenizer (`init_from`).
 """
 
-import hashlib
 import logging
 from pathlib import Path
 from typing import Literal
@@ -16,6 +16,13 @@ import torch
 from seed_lightning.core.distributed import ValSetMean
 from seed_lightning.core.preflight import check_pretrained
 from seed_lightning.tokenizer.embedding_cache import EmbeddingCache
+from seed_lightning.tokenizer.frozen_outputs import (
+    CAUSAL_EMBEDS,
+    GENERATION_TARGETS,
+    FrozenOutputs,
+    caption_keys,
+    image_keys,
+)
 from seed_lightning.tokenizer.losses import cosine_reconstruction_loss
 from seed_lightning.tokenizer.module import TokenizerModule
 from seed_lightning.tokenizer.sd_text_encoder import SDTextEncoder
@@ -73,8 +80,8 @@ class CodebookModule(TokenizerModule):
         t.qformer.eval()
         # A buffer, so a resumed run does not initialise the codebook a second time.
         self.register_buffer("codebook_initialized", torch.tensor(codebook_init == "uniform"))
-        self._cache: EmbeddingCache | None = None
-        self._target_cache: EmbeddingCache | None = None
+        self.frozen_outputs: FrozenOutputs | None = None
+        """The disk caches of the frozen towers' outputs (`cache_embeddings`), opened by `setup` when fitting."""
         self.val_means = torch.nn.ModuleDict({name: ValSetMean() for name in LOSSES})
         self._codebook_needs_init = False
 
@@ -105,58 +112,48 @@ class CodebookModule(TokenizerModule):
         return self
 
     # ---- the embedding cache ------------------------------------------------------------------
-    @staticmethod
-    def _cache_keys(batch: dict) -> list[str]:
-        # Keys repeat across data sets (img2dataset numbers every set from 0): qualify them by shard.
-        urls = batch.get("url") or [""] * len(batch["key"])
-        return [f"{url}#{key}" for url, key in zip(urls, batch["key"])]
-
-    @staticmethod
-    def _caption_keys(captions: list[str]) -> list[str]:
-        # The L_gen target depends on the caption text alone: images that share a caption share its row.
-        return [hashlib.sha1(caption.encode()).hexdigest() for caption in captions]
+    def setup(self, stage: str) -> None:
+        """When fitting with `cache_embeddings`: open the caches (every rank writes its own chunks and reads all) and
+        have the data module's DataLoader workers attach them to the training batches."""
+        if stage == "fit" and self.hparams.cache_embeddings:
+            directory = Path(self.hparams.cache_dir or Path(self.trainer.default_root_dir) / "embedding_cache")
+            targets = None
+            if self.generation_target is not None:
+                targets = EmbeddingCache(directory / "generation_targets", rank=self.global_rank)
+            self.frozen_outputs = FrozenOutputs(EmbeddingCache(directory, rank=self.global_rank), targets)
+            datamodule = getattr(self.trainer, "datamodule", None)
+            if callable(getattr(datamodule, "connect", None)):
+                datamodule.connect(train=self.frozen_outputs)
+        super().setup(stage)
 
     def transfer_batch_to_device(self, batch: dict, device: torch.device, dataloader_idx: int) -> dict:
-        """Training batches whose embeddings are all cached travel without their pixels, and with their cached
-        L_gen targets."""
-        if self._cache is not None and self.trainer.training and "pixel_values" in batch:
-            cached = self._cache.get(self._cache_keys(batch))
-            if cached is not None:
-                batch = {**{k: v for k, v in batch.items() if k != "pixel_values"}, "causal_embeds": cached}
-        if self._target_cache is not None and self.trainer.training:
-            targets = self._target_cache.get(self._caption_keys(batch["caption"]))
-            if targets is not None:
-                batch = {**batch, "generation_targets": targets}
+        """Training batches get the cached outputs that the DataLoader workers did not attach (see `FrozenOutputs`):
+        those whose embeddings are all cached travel without their pixels."""
+        if self.frozen_outputs is not None and self.trainer.training:
+            batch = self.frozen_outputs.attach(batch)
         return super().transfer_batch_to_device(batch, device, dataloader_idx)
 
     def _causal_embeddings(self, batch: dict) -> torch.Tensor:
         """Frozen causal embeddings: from the disk cache when the batch brought them, else computed (and cached)."""
-        if "causal_embeds" in batch:
-            return batch["causal_embeds"].float()
+        if CAUSAL_EMBEDS in batch:
+            return batch[CAUSAL_EMBEDS].float()
         with torch.no_grad():
             causal = self.tokenizer.causal_embeddings(batch["pixel_values"])
-        if self._cache is not None:
-            self._cache.put(self._cache_keys(batch), causal)
+        if self.frozen_outputs is not None:
+            self.frozen_outputs.embeddings.put(image_keys(batch), causal)
         return causal.float()
 
     def _generation_targets(self, batch: dict) -> torch.Tensor:
         """L_gen targets: from the disk cache when the batch brought them, else the SD text encoder's (cached)."""
-        if "generation_targets" in batch:
-            return batch["generation_targets"].float()
+        if GENERATION_TARGETS in batch:
+            return batch[GENERATION_TARGETS].float()
         target = self.generation_target(batch["caption"]).to(self.device)
-        if self._target_cache is not None and self.trainer.training:
-            self._target_cache.put(self._caption_keys(batch["caption"]), target)
+        if self.frozen_outputs is not None and self.frozen_outputs.targets is not None and self.trainer.training:
+            self.frozen_outputs.targets.put(caption_keys(batch["caption"]), target)
         return target.float()
 
     def _caches(self) -> list[EmbeddingCache]:
-        return [cache for cache in (self._cache, self._target_cache) if cache is not None]
-
-    def on_fit_start(self) -> None:
-        if self.hparams.cache_embeddings:
-            directory = Path(self.hparams.cache_dir or Path(self.trainer.default_root_dir) / "embedding_cache")
-            self._cache = EmbeddingCache(directory, rank=self.global_rank)
-            if self.generation_target is not None:
-                self._target_cache = EmbeddingCache(directory / "generation_targets", rank=self.global_rank)
+        return [] if self.frozen_outputs is None else self.frozen_outputs.caches
 
     def on_train_epoch_end(self) -> None:
         caches = self._caches()

@@ -5,15 +5,22 @@ same every epoch, so each is computed once, written here, and read back instead 
 encoders. Chunks are fp16 `.npy` files, memory-mapped when read (a batch is one fancy-indexed read
 per chunk, and the cache can be far larger than RAM), each with a `.keys.json` naming its rows.
 Both are written atomically (`core/io.py`; the keys first, so an `.npy` under its final
-name always has its keys). Each rank writes its own chunks and reads everybody's after `refresh()`.
+name always has its keys). Each rank writes its own chunks and reads everybody's after `refresh()`. A key that
+several ranks cached (each its own random crop) is read from the chunk whose name sorts first, so any processes
+that indexed the same chunks read the same rows, whatever order they found them in.
+
+Read in DataLoader workers too (`tokenizer/frozen_outputs.py`): a forked worker shares its owner's cache as it was
+at the fork; a pickled one (another start method) opens the directory anew, without the owner's unflushed rows.
 """
 
 import json
+import math
 import os
 from pathlib import Path
 
 import numpy as np
 import torch
+from torch.utils.data import get_worker_info
 
 from seed_lightning.core.io import atomic_open, write_json_atomic
 
@@ -28,20 +35,27 @@ class EmbeddingCache:
         self._pending: dict[str, torch.Tensor] = {}
         self._index: dict[str, tuple[int, int]] = {}
         self._chunks: list[np.ndarray] = []
-        self._chunk_paths: set[Path] = set()
+        self._chunk_paths: list[Path] = []
         self.refresh()
+
+    def __getstate__(self) -> dict:
+        # The directory, not the rows: a pickled cache (a DataLoader worker's) maps the chunks itself.
+        return {"directory": self.directory, "rank": self.rank, "rows_per_chunk": self.rows_per_chunk}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(**state)
 
     def refresh(self) -> None:
         """Index every complete chunk in the directory (those of other ranks too)."""
-        for path in sorted(self.directory.glob("chunk-*.npy")):
-            if path in self._chunk_paths:
-                continue
+        for path in sorted(set(self.directory.glob("chunk-*.npy")) - set(self._chunk_paths)):
             keys = json.loads(path.with_suffix(".keys.json").read_text())
             chunk = len(self._chunks)
             self._chunks.append(np.load(path, mmap_mode="r"))
-            self._chunk_paths.add(path)
+            self._chunk_paths.append(path)
             for row, key in enumerate(keys):
-                self._index[key] = (chunk, row)
+                indexed = self._index.get(key)
+                if indexed is None or path < self._chunk_paths[indexed[0]]:
+                    self._index[key] = (chunk, row)
 
     def __len__(self) -> int:
         return len(self._index) + len(self._pending)
@@ -64,8 +78,7 @@ class EmbeddingCache:
                 positions.append(position)
                 rows.append(row)
         shape = self._pending[pending[0][1]].shape if pending else self._chunks[next(iter(by_chunk))].shape[1:]
-        # Pinned, so that the copy to the GPU does not block the host.
-        out = torch.empty(len(keys), *shape, dtype=torch.float16, pin_memory=torch.cuda.is_available())
+        out = _batch_buffer((len(keys), *shape))
         for chunk, (positions, rows) in by_chunk.items():
             out[positions] = torch.from_numpy(np.ascontiguousarray(self._chunks[chunk][rows]))
         for position, key in pending:
@@ -92,3 +105,13 @@ class EmbeddingCache:
             np.save(handle, rows)
         self._pending = {}
         self.refresh()
+
+
+def _batch_buffer(shape: tuple[int, ...]) -> torch.Tensor:
+    """An fp16 tensor to gather a batch's rows in. In a DataLoader worker: shared memory, in which the batch reaches
+    the main process without another copy (the loader's pin-memory thread pins it there; a forked worker must not
+    touch CUDA). In the main process: pinned, so that the copy to the GPU does not block the host."""
+    if get_worker_info() is not None:
+        storage = torch.UntypedStorage._new_shared(math.prod(shape) * torch.float16.itemsize)
+        return torch.empty(0, dtype=torch.float16).set_(storage).view(shape)
+    return torch.empty(shape, dtype=torch.float16, pin_memory=torch.cuda.is_available())

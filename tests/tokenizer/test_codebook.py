@@ -2,11 +2,17 @@
 
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 
+from seed_lightning.core.data.datamodule import ShardDataModule, ShardSource
 from seed_lightning.core.errors import ConfigError
 from seed_lightning.tokenizer.codebook import CodebookModule
+from seed_lightning.tokenizer.embedding_cache import EmbeddingCache
+from seed_lightning.tokenizer.frozen_outputs import CAUSAL_EMBEDS, GENERATION_TARGETS
+from tests.cli_runs import val_images
+from tests.resume_helpers import LossRecorder
 from tests.tokenizer.test_module import (
     assert_optimizer_state_only_for,
     fit_briefly,
@@ -69,7 +75,7 @@ def test_codebook_stage_caches_causal_embeddings(default_world, tmp_path):
     module = make_module(default_world, CodebookModule, cache_dir=str(tmp_path / "cache"))
     fit = trainer(tmp_path, max_epochs=2, limit_val_batches=0)
     fit.fit(module, datamodule=make_data(default_world, samples=16))
-    cached = module._cache
+    cached = module.frozen_outputs.embeddings
     assert len(cached) > 0
     batch = one_batch(default_world)
     qualified = [f"{url}#{key}" for url, key in zip(batch["url"], batch["key"])]
@@ -166,3 +172,45 @@ def test_the_generation_targets_are_computed_once_then_read_from_the_cache(defau
     torch.testing.assert_close(targets, fresh, atol=2e-3, rtol=2e-3)  # cached in fp16
     unseen = module.transfer_batch_to_device({**seen, "caption": ["a caption never trained on"]}, "cpu", 0)
     assert "generation_targets" not in unseen
+
+
+def fit_two_epochs_on_four_images(world, root, connect: bool) -> tuple[list[dict], list[float], list[int]]:
+    """Stage 2 with L_gen for 2 epochs of 2 batches, from 2 DataLoader workers, on a shard of 4 images read in order
+    (every batch holds all 4: the first computes and caches them, every later one is all cached). Returns, per batch, what it
+    carried when the loader handed it over (its keys; the cached rows), the losses, and the epoch of every cache
+    lookup made in the main process (a worker's are made, and recorded, in its own copy of the list)."""
+    root.mkdir()
+    shard = val_images(root / "four.tar", start=0, count=4)
+    L.seed_everything(0)
+    module = make_module(world, CodebookModule, cache_dir=str(root / "cache"))
+    handed_over, transfer = [], module.transfer_batch_to_device
+    module.transfer_batch_to_device = lambda batch, *args: handed_over.append(dict(batch)) or transfer(batch, *args)
+    data = ShardDataModule(train=[ShardSource(urls=shard)], image_size=64, batch_size=4, num_workers=2,
+                           samples_per_epoch=8, shuffle_buffer=0)
+    if not connect:
+        data.connect = lambda train=None, val=None: None
+    fit = trainer(root, max_epochs=2, limit_val_batches=0, callbacks=[LossRecorder()])
+    lookups = []
+    get = EmbeddingCache.get
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(EmbeddingCache, "get", lambda cache, keys: lookups.append(fit.current_epoch) or get(cache, keys))
+        fit.fit(module, datamodule=data)
+    return handed_over, next(c for c in fit.callbacks if isinstance(c, LossRecorder)).losses, lookups
+
+
+@pytest.mark.slow
+def test_the_dataloader_workers_attach_the_cached_outputs_and_the_losses_are_the_in_process_lookups(
+        default_world, tmp_path):
+    batches, losses, lookups = fit_two_epochs_on_four_images(default_world, tmp_path / "workers", connect=True)
+    assert [sorted(batch) for batch in batches[2:]] == 2 * [sorted(batches[2])]
+    # Epoch 1's workers started before anything was cached: its batches arrive with their pixels (the second's rows,
+    # not yet flushed, are attached by the main process). Epoch 2's workers gather the rows themselves.
+    assert all("pixel_values" in batch and CAUSAL_EMBEDS not in batch for batch in batches[:2])
+    for batch in batches[2:]:
+        assert "pixel_values" not in batch, "cached batches travel without their pixels"
+        assert batch[CAUSAL_EMBEDS].shape[0] == batch[GENERATION_TARGETS].shape[0] == 4
+    assert 0 in lookups and 1 not in lookups, "in epoch 2 the main process looks nothing up"
+
+    _, in_process, lookups = fit_two_epochs_on_four_images(default_world, tmp_path / "main", connect=False)
+    assert 1 in lookups
+    assert len(losses) == 4 and losses == in_process
