@@ -26,8 +26,8 @@ import lightning as L
 import torch
 
 from common import (
-    REPO, SCALE, cuda_time, image_caption_batches, lightning_trainer, loader, parse_args, peak_memory_gib,
-    plain_blip2_encoders, plain_causal_queries, plain_vit_tokens, report, reset_memory, synchronize,
+    REPO, SCALE, RepeatedBatches, cuda_time, image_caption_batches, lightning_trainer, loader, parse_args,
+    peak_memory_gib, plain_blip2_encoders, plain_causal_queries, plain_vit_tokens, report, reset_memory, synchronize,
 )
 
 TEXT_TOKENIZER = str(REPO / "data/models/bert-tokenizer")
@@ -68,13 +68,26 @@ def codebook_module(**kwargs):
 
 
 def run(cache: bool, batch: int, batches: int, epochs: int, generation_target: str | None,
-        compile: bool = False) -> list[float]:
+        compile: bool = False, workers: int = 0) -> list[float]:
+    """Seconds of each epoch. With `workers`, the cached outputs are attached in that many DataLoader workers, as
+    `ShardDataModule` has them attached (`CodebookModule.frozen_outputs`, connected at setup); without, in the main
+    process (`transfer_batch_to_device`)."""
     reset_memory()
     with tempfile.TemporaryDirectory() as cache_dir:
         module = codebook_module(cache_embeddings=cache, cache_dir=cache_dir, compile=compile,
                                  generation_target=generation_target)
+        make = image_caption_batches(batch)
+        if workers:
+            def attached(index: int) -> dict:  # runs in the workers, after setup made the caches
+                outputs = module.frozen_outputs
+                return make(index) if outputs is None else outputs(make(index), 0, index)
+
+            batches_loader = torch.utils.data.DataLoader(RepeatedBatches(attached, batches), batch_size=None,
+                                                         num_workers=workers, pin_memory=True)
+        else:
+            batches_loader = loader(make, batches)
         timer = EpochTimer()
-        lightning_trainer(-1, [timer], max_epochs=epochs).fit(module, loader(image_caption_batches(batch), batches))
+        lightning_trainer(-1, [timer], max_epochs=epochs).fit(module, batches_loader)
     return timer.seconds
 
 
@@ -130,6 +143,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--epochs", type=int, default=3, help="per Lightning run; the first is warm-up (and cache fill)")
     parser.add_argument("--compile", action="store_true", help="also measure the cached side with compile=True")
     parser.add_argument("--gen", action="store_true", help="with L_gen (its target a random SD v1.4 text encoder)")
+    parser.add_argument("--workers", type=int, default=0,
+                        help="also measure the cached side with its reads in this many DataLoader workers")
     args = parse_args(parser, argv)
     name = " with L_gen" if args.gen else ""
     with tempfile.TemporaryDirectory() as folder:
@@ -138,10 +153,12 @@ def main(argv: list[str] | None = None) -> None:
             images = batch * batches
             baseline_epoch = baseline(batch, batches, target, name)
             # Epoch 0 of each Lightning run includes warm-up (and, cached, the cache filling): compare the later epochs.
-            for compile in [False, True] if args.compile else [False]:
-                cached = run(True, batch, batches, args.epochs, target, compile)
+            variants = [(False, 0)] + [(True, 0)] * args.compile + [(args.compile, args.workers)] * bool(args.workers)
+            for compile, workers in variants:
+                cached = run(True, batch, batches, args.epochs, target, compile, workers)
                 cached_epoch = min(cached[1:])
-                report("stage2", f"project cached embeddings{name}{' compiled' if compile else ''} B={batch}",
+                how = (" compiled" if compile else "") + (f", reads in {workers} loader workers" if workers else "")
+                report("stage2", f"project cached embeddings{name}{how} B={batch}",
                        epoch_seconds=cached, images_per_epoch=images, images_per_sec=images / cached_epoch,
                        first_epoch_fills_cache_s=cached[0], ratio_to_baseline=baseline_epoch / cached_epoch,
                        peak_mem_gib=peak_memory_gib())
