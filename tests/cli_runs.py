@@ -185,7 +185,8 @@ def assert_dashboard(log_dir: Path, hyperparameter: tuple[str, float], metric: s
     events = EventAccumulator(str(log_dir))
     events.Reload()
     tags = events.Tags()["scalars"]
-    assert "hp_metric" not in tags and "epoch" not in tags and "train/epoch" in tags and "train/lr" in tags
+    assert "hp_metric" not in tags and "epoch" not in tags and "train/epoch" in tags
+    assert any(tag == "train/lr" or tag.startswith("train/lr/") for tag in tags), tags  # one chart per param group
     assert all(tag.split("/")[0] in DASHBOARD_SECTIONS for tag in tags), tags
     plugin = {tag: HParamsPluginData.FromString(content) for tag, content in events.PluginTagToContent("hparams").items()}
     name, value = hyperparameter
