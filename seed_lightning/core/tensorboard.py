@@ -79,11 +79,9 @@ def run_hyperparameters(config: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def final_metrics(trainer: L.Trainer) -> dict[str, float]:
-    """The run's last value of every `val/` metric; a run without validation: its last `train/loss`."""
-    metrics = {name: float(value) for name, value in trainer.callback_metrics.items() if name.startswith("val/")}
-    if not metrics and "train/loss" in trainer.callback_metrics:
-        metrics["train/loss"] = float(trainer.callback_metrics["train/loss"])
-    return metrics
+    """The run's last value of every `val/` metric (none without validation: re-logging `train/loss` would add a
+    point to its curve)."""
+    return {name: float(value) for name, value in trainer.callback_metrics.items() if name.startswith("val/")}
 
 
 def log_hyperparameters_with_metrics(trainer: L.Trainer, hyperparameters: Mapping[str, Any]) -> None:
