@@ -38,6 +38,8 @@ PLACED_TEMPLATES = (2, 4)
 """synthetic._caption templates that give each group's row (when the group sits in one row)."""
 COLUMNS = {1: (1,), 2: (0, 2), 3: (0, 1, 2)}
 """Canonical columns of 1, 2 or 3 objects, left to right in caption order."""
+PROGRESS_EVERY = 500
+"""Training steps between progress lines."""
 
 
 @dataclass(frozen=True)
@@ -120,7 +122,7 @@ def train(decoder: PatchDecoder, embeddings: torch.Tensor, targets: torch.Tensor
     optimizer = torch.optim.AdamW(decoder.parameters(), lr=settings.lr, weight_decay=0.01)
     schedule = warmup_cosine(optimizer, settings.steps, warmup=30)
     decoder.train()
-    for _ in range(settings.steps):
+    for step in range(1, settings.steps + 1):
         batch = torch.randint(len(embeddings), (settings.batch_size,), generator=generator)
         loss = weighted_error(decoder(embeddings[batch]), targets[batch].float() / 255,
                               settings.foreground_weight)
@@ -128,6 +130,8 @@ def train(decoder: PatchDecoder, embeddings: torch.Tensor, targets: torch.Tensor
         loss.backward()
         optimizer.step()
         schedule.step()
+        if step % PROGRESS_EVERY == 0 or step == settings.steps:  # minutes of CPU: say how far it is
+            print(f"tiny-decoder: step {step}/{settings.steps}, weighted pixel error {loss.item():.4f}", flush=True)
     decoder.eval()
 
 
