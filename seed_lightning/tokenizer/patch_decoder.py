@@ -21,10 +21,11 @@ from pathlib import Path
 from typing import Self
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_model, save_model
 from torch import nn
 
 from seed_lightning.core.errors import ConfigError
+from seed_lightning.core.io import write_json_atomic
 
 CONFIG_FILE = "decoder/config.json"
 """The file that marks a folder as a PatchDecoder's."""
@@ -87,15 +88,15 @@ class PatchDecoder(nn.Module):
         return torch.sigmoid(nn.functional.pixel_shuffle(patches, self.config.image_size // grid))
 
     def save_pretrained(self, folder: str | os.PathLike) -> None:
-        """Writes decoder/config.json and decoder/model.safetensors under `folder`."""
+        """Writes decoder/model.safetensors, then decoder/config.json (which marks the folder), under `folder`."""
         folder = Path(folder)
         (folder / CONFIG_FILE).parent.mkdir(parents=True, exist_ok=True)
-        (folder / CONFIG_FILE).write_text(json.dumps(asdict(self.config), indent=2) + "\n")
-        save_file({name: tensor.contiguous() for name, tensor in self.state_dict().items()}, folder / WEIGHTS_FILE)
+        save_model(self, str(folder / WEIGHTS_FILE))
+        write_json_atomic(folder / CONFIG_FILE, asdict(self.config), indent=2)
 
     @classmethod
     def from_pretrained(cls, folder: str | os.PathLike) -> Self:
         folder = Path(folder).expanduser()
         decoder = cls(PatchDecoderConfig(**json.loads((folder / CONFIG_FILE).read_text())))
-        decoder.load_state_dict(load_file(folder / WEIGHTS_FILE))
+        load_model(decoder, str(folder / WEIGHTS_FILE))
         return decoder

@@ -56,7 +56,7 @@ def test_rejects_embeddings_of_another_width_or_length(saved):
 def test_preflight_accepts_a_tiny_decoder_folder_and_names_a_missing_one(saved, tmp_path):
     _, folder = saved
     check_image_decoder(str(folder), "sd_path")
-    with pytest.raises(ConfigError, match="sd_path: folder .*nowhere does not exist.*tiny-decoder"):
+    with pytest.raises(ConfigError, match="sd_path: folder .*nowhere does not exist.*tiny decoder folder"):
         check_image_decoder(str(tmp_path / "nowhere"), "sd_path")
 
 
