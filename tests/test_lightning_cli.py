@@ -16,7 +16,7 @@ def test_the_run_folder_decides_where_logs_and_checkpoints_go():
     config = effective_config(Module, ["fit", "--trainer.default_root_dir", "runs/tiny/stage"])
     assert config["checkpoint"]["dirpath"] == "runs/tiny/stage/checkpoints"
     logger = config["trainer"]["logger"]
-    assert logger["class_path"] == "lightning.pytorch.loggers.TensorBoardLogger"
+    assert logger["class_path"] == "seed_lightning.core.tensorboard.TensorBoardLogger"
     assert (logger["init_args"]["save_dir"], logger["init_args"]["name"], logger["init_args"]["version"]) == (
         "runs/tiny", "stage", "")  # TensorBoard writes into runs/tiny/stage itself
     # Another logger follows the run folder too.

@@ -13,6 +13,7 @@ from typing import Any
 
 import lightning as L
 from lightning.pytorch.loggers import TensorBoardLogger as LightningTensorBoardLogger
+from torch.utils.tensorboard.summary import hparams
 
 EPOCH_TAG = "train/epoch"
 """Where Lightning's automatic `epoch` scalar is shown."""
@@ -79,17 +80,27 @@ def run_hyperparameters(config: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def final_metrics(trainer: L.Trainer) -> dict[str, float]:
-    """The run's last value of every `val/` metric (none without validation: re-logging `train/loss` would add a
-    point to its curve)."""
-    return {name: float(value) for name, value in trainer.callback_metrics.items() if name.startswith("val/")}
+    """The run's last value of every `val/` metric; a run without validation: its last `train/loss`."""
+    metrics = {name: float(value) for name, value in trainer.callback_metrics.items() if name.startswith("val/")}
+    if not metrics and "train/loss" in trainer.callback_metrics:
+        metrics["train/loss"] = float(trainer.callback_metrics["train/loss"])
+    return metrics
 
 
 def log_hyperparameters_with_metrics(trainer: L.Trainer, hyperparameters: Mapping[str, Any]) -> None:
-    """Log `hyperparameters` with the run's `final_metrics` to every TensorBoard logger, at the last step, on rank 0
-    (call it when fit ends: the HPARAMS tab then lines runs up by their results)."""
+    """Add the HPARAMS row of `hyperparameters` with the run's `final_metrics` to every TensorBoard logger, on rank 0
+    (call it when fit ends: the HPARAMS tab then lines runs up by their results).
+
+    Only the HPARAMS summaries are written: the tab reads each metric's value from the run's own scalars of that
+    name, and re-logging them (what `log_hyperparams(params, metrics)` does) would add a point to every curve.
+    """
     metrics = final_metrics(trainer)
     if not trainer.is_global_zero or not metrics:
         return
+    summaries = hparams(dict(hyperparameters), metrics)
     for logger in trainer.loggers:
         if isinstance(logger, LightningTensorBoardLogger):
-            logger.log_hyperparams(dict(hyperparameters), metrics, step=trainer.global_step)
+            writer = logger.experiment._get_file_writer()  # the run's own events file, not a sub-run
+            for summary in summaries:
+                writer.add_summary(summary)
+            writer.flush()

@@ -84,9 +84,8 @@ def test_hyperparameters_are_logged_with_the_final_metrics(tmp_path):
     assert hparams["model.compile"].bool_value is False
     assert hparams["trainer.max_epochs"].number_value == 2
     assert not {"ckpt_path", "trainer.callbacks", "trainer.logger"} & set(hparams)
-    # The final value is what the HPARAMS tab shows: the last val/score, at the last step.
-    last = accumulator.Scalars("val/score")[-1]
-    assert (last.step, last.value) == (trainer.global_step, 11.0)
+    # The HPARAMS tab shows the run's last val/score; the curve keeps one point per validation, none added.
+    assert [event.value for event in accumulator.Scalars("val/score")] == [10.0, 11.0]
     assert "hp_metric" not in accumulator.Tags()["scalars"]
 
 
@@ -97,9 +96,12 @@ def test_lightnings_default_logger_would_write_the_placeholder(tmp_path):
     assert "hp_metric" in events(tmp_path / "run").Tags()["scalars"]  # what the configs' logger avoids
 
 
-def test_a_run_without_validation_keeps_its_training_loss_curve_as_logged(tmp_path):
+def test_a_run_without_validation_is_compared_by_its_last_training_loss_curve_unchanged(tmp_path):
     trainer = L.Trainer(accelerator="cpu", max_steps=2, logger=TensorBoardLogger(tmp_path, name="run", version=""),
                         callbacks=[LogHyperparametersAtFitEnd()], enable_progress_bar=False,
                         enable_model_summary=False, enable_checkpointing=False, log_every_n_steps=1)
     trainer.fit(Scorer(), DataLoader(torch.randn(4, 2), batch_size=2))
-    assert [event.step for event in events(tmp_path / "run").Scalars("train/loss")] == [0, 1]
+    run = events(tmp_path / "run")
+    plugin = HParamsPluginData.FromString(run.PluginTagToContent("hparams")["_hparams_/experiment"])
+    assert [info.name.tag for info in plugin.experiment.metric_infos] == ["train/loss"]
+    assert [event.step for event in run.Scalars("train/loss")] == [0, 1]

@@ -2,6 +2,7 @@
 runs them, outputs redirected to a temporary folder), then retrieval computed here from the exported
 tokenizer: learning must have happened."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -10,14 +11,20 @@ from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from seed_lightning.core.data.datamodule import ShardDataModule
+from seed_lightning.lightning_cli import RUN_DEFAULTS
 from seed_lightning.tokenizer.model import SeedTokenizer
 from seed_lightning.tokenizer.retrieval import retrieval_recall
 from tests.cli_runs import CLI, assert_dashboard, run_ok
 
 
+RUN_CALLBACKS = "\n".join(f"    - {json.dumps(callback)}" for callback in RUN_DEFAULTS["trainer.callbacks"])
+"""The callbacks every run has (learning-rate monitor, NaN guard, pre-emption) as YAML list items."""
+
+
 def overlay(run: Path, stage: str, callbacks: str = "", data: str = "") -> str:
     """The stage's outputs under `run`; `callbacks` (YAML list items) are the trainer's callbacks besides the
-    checkpoint callback, `data` (indented YAML lines) overrides data keys."""
+    checkpoint callback and those every run has (the stage configs' own, such as stage 2's CLIP score, are
+    replaced), `data` (indented YAML lines) overrides data keys."""
     stage_dir = run / stage
     extra = ""
     if stage == "codebook":
@@ -33,6 +40,7 @@ trainer:
   default_root_dir: {stage_dir}
   enable_progress_bar: false
   callbacks:
+{RUN_CALLBACKS}
 {callbacks}
 {"data:" if data else ""}
 {data}""" + extra
