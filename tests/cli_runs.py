@@ -131,9 +131,11 @@ def assert_same_evaluation(one: Path, two: Path, losses: Sequence[str]) -> dict[
 
 CLIP_SCORE_CALLBACK = """\
     - class_path: seed_lightning.tokenizer.clip_score_callback.CLIPScoreCallback
-      init_args: {clip_model: data/models/tiny-clip, sd_path: data/models/tiny-decoder, num_images: 6}"""
+      init_args: {clip_model: data/models/tiny-clip, sd_path: data/models/tiny-decoder, num_images: 6,
+                  every_n_epochs: 1}"""
 """The CLIP-score callback (with its image grid) as a YAML list item of trainer.callbacks: 6 images through the
-tiny decoder."""
+tiny decoder, every epoch (a stage config's own CLIP-score callback at the same list position would lend it its
+settings otherwise: jsonargparse merges the init_args of same-class items)."""
 
 
 def val_images(path: Path, start: int, count: int) -> str:

@@ -61,13 +61,18 @@ class TensorBoardLogger(LightningTensorBoardLogger):
 
 def run_hyperparameters(config: Mapping[str, Any]) -> dict[str, Any]:
     """A run's resolved CLI config as HPARAMS columns: nested keys joined with "." as on the command line
-    (`model.optim.lr`, `data.batch_size`, `trainer.max_epochs`), lists as text, NOT_HYPERPARAMETERS left out."""
+    (`model.optim.lr`, `data.batch_size`, `trainer.max_epochs`), lists as text, NOT_HYPERPARAMETERS left out. A class
+    given as `class_path` + `init_args` (the tokenizer's stage classes) is its class path under its own key and its
+    arguments under that key too (`model: ...ContrastiveModule`, `model.optim.lr`), so runs of either form line up."""
     flat: dict[str, Any] = {}
 
     def visit(prefix: str, value: Any) -> None:
         if prefix in NOT_HYPERPARAMETERS:
             return
-        if isinstance(value, Mapping):
+        if isinstance(value, Mapping) and "class_path" in value and set(value) <= {"class_path", "init_args"}:
+            flat[prefix] = value["class_path"]
+            visit(prefix, value.get("init_args") or {})
+        elif isinstance(value, Mapping):
             for key, item in value.items():
                 visit(f"{prefix}.{key}" if prefix else str(key), item)
         elif value is None or isinstance(value, (bool, int, float, str)):

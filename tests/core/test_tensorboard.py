@@ -105,3 +105,11 @@ def test_a_run_without_validation_is_compared_by_its_last_training_loss_curve_un
     plugin = HParamsPluginData.FromString(run.PluginTagToContent("hparams")["_hparams_/experiment"])
     assert [info.name.tag for info in plugin.experiment.metric_infos] == ["train/loss"]
     assert [event.step for event in run.Scalars("train/loss")] == [0, 1]
+
+
+def test_a_class_given_by_class_path_has_its_arguments_under_its_own_key():
+    config = {"model": {"class_path": "seed_lightning.tokenizer.contrastive.ContrastiveModule",
+                        "init_args": {"optim": {"lr": 5e-4}, "compile": False}},
+              "trainer": {"logger": {"class_path": "x"}, "max_epochs": 5}}
+    assert run_hyperparameters(config) == {"model": "seed_lightning.tokenizer.contrastive.ContrastiveModule",
+                                           "model.optim.lr": 5e-4, "model.compile": False, "trainer.max_epochs": 5}

@@ -40,8 +40,8 @@ trainer:
   default_root_dir: {stage_dir}
   enable_progress_bar: false
   callbacks:
-{RUN_CALLBACKS}
 {callbacks}
+{RUN_CALLBACKS}
 {"data:" if data else ""}
 {data}""" + extra
 
