@@ -3,7 +3,9 @@
 Each image shows 1-3 flat shapes (circle, square, triangle, star, cross) in six saturated colours,
 small or large, in distinct cells of a 3x3 grid, on a white, black or gray background. Captions
 mention an object's ROW only ("at the top", "in the middle", "at the bottom"), never left/right,
-so every caption stays true under horizontal flips and training may keep hflip on.
+so every caption stays true under horizontal flips and training may keep hflip on. An image's first
+caption always has one form (rows given, objects in reading order), so it follows from the image; its other
+references vary the wording and the order.
 
 Layout under the output folder (split is ``train`` or ``val``):
 
@@ -37,7 +39,7 @@ from PIL import Image, ImageDraw
 
 from seed_lightning.core.errors import ConfigError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 SHAPES = ("circle", "square", "triangle", "star", "cross")
 COLORS = {
@@ -216,12 +218,16 @@ def _caption(scene: Scene, template: int, groups: list[list[SceneObject]]) -> st
 
 
 NUM_CAPTION_TEMPLATES = 5
+CANONICAL_TEMPLATE = 2
+"""The first reference caption's template (rows given, objects in reading order): the caption every training
+sample carries (``KEY.txt``) is then a function of the image, so what a model learns from it (a caption, the SD
+text encoder's embedding of it) can be learnt from the image. The other references vary template and order."""
 
 
 def describe(scene: Scene, rng: random.Random) -> list[str]:
-    """2-3 distinct reference captions (different templates and object orders)."""
+    """2-3 distinct reference captions: the canonical one first, then others (other templates and object orders)."""
     wanted = rng.choice((2, 3))
-    captions: list[str] = []
+    captions = [_caption(scene, CANONICAL_TEMPLATE, _groups(scene))]
     for template in rng.sample(range(NUM_CAPTION_TEMPLATES), NUM_CAPTION_TEMPLATES):
         groups = _groups(scene)
         rng.shuffle(groups)

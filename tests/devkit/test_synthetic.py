@@ -142,6 +142,32 @@ def test_captions_describe_the_scene_without_left_or_right(shard_samples):
                     assert f"{synthetic.NUMBER_WORDS[count]} {size} {color} {shape}" in caption
 
 
+def test_the_first_caption_follows_from_the_image(shard_samples):
+    """What every training sample carries (KEY.txt) has one form: objects in reading order, the row of each group
+    that sits in one row; so a model can learn it (and the SD text encoder's embedding of it) from the image."""
+    placed_somewhere = 0
+    for sample in shard_samples["val"]:
+        meta = json.loads(sample["json"])
+        caption, objects = sample["txt"].decode(), meta["scene"]["objects"]
+        assert caption == meta["captions"][0]
+        groups: dict[tuple, list[dict]] = {}
+        for obj in sorted(objects, key=lambda o: (o["row"], o["col"])):
+            groups.setdefault((obj["size"], obj["color"], obj["shape"]), []).append(obj)
+        starts = []
+        for (size, color, shape), members in groups.items():
+            phrase = f"a {size} {color} {shape}" if len(members) == 1 else (
+                f"{synthetic.NUMBER_WORDS[len(members)]} {size} {color} {synthetic._plural(shape)}")
+            rows = {member["row"] for member in members}
+            if len(rows) == 1:
+                phrase += " " + synthetic.ROW_PHRASES[synthetic.ROWS[rows.pop()]]
+                placed_somewhere += 1
+            assert phrase in caption, (phrase, caption)
+            starts.append(caption.index(phrase))
+        assert starts == sorted(starts), caption
+        assert caption.endswith(f"on a {meta['scene']['background']} background")
+    assert placed_somewhere > len(shard_samples["val"]) // 2
+
+
 def test_captions_are_mostly_unique(data_dir):
     coco = read_json(data_dir / "coco/annotations/captions_val.json")
     by_image = collections.defaultdict(list)
