@@ -126,6 +126,11 @@ def test_colours_survive_conversion_to_rgb(shard_samples):
     assert checked_lossless >= 20
 
 
+def group_phrase(size: str, color: str, shape: str, count: int) -> str:
+    """How a caption names `count` alike objects, up to the plural ending ("two small red circle" is in "...circles")."""
+    return f"a {size} {color} {shape}" if count == 1 else f"{synthetic.NUMBER_WORDS[count]} {size} {color} {shape}"
+
+
 def test_captions_describe_the_scene_without_left_or_right(shard_samples):
     for sample in shard_samples["val"]:
         meta = json.loads(sample["json"])
@@ -136,10 +141,7 @@ def test_captions_describe_the_scene_without_left_or_right(shard_samples):
             assert f"{scene['background']} background" in caption
             assert "left" not in words and "right" not in words  # captions stay true under hflip
             for (size, color, shape), count in looks.items():
-                if count == 1:
-                    assert f"a {size} {color} {shape}" in caption
-                else:
-                    assert f"{synthetic.NUMBER_WORDS[count]} {size} {color} {shape}" in caption
+                assert group_phrase(size, color, shape, count) in caption
 
 
 def test_the_first_caption_follows_from_the_image(shard_samples):
@@ -155,8 +157,9 @@ def test_the_first_caption_follows_from_the_image(shard_samples):
             groups.setdefault((obj["size"], obj["color"], obj["shape"]), []).append(obj)
         starts = []
         for (size, color, shape), members in groups.items():
-            phrase = f"a {size} {color} {shape}" if len(members) == 1 else (
-                f"{synthetic.NUMBER_WORDS[len(members)]} {size} {color} {synthetic._plural(shape)}")
+            phrase = group_phrase(size, color, shape, len(members))
+            if len(members) > 1:
+                phrase = synthetic._plural(phrase)
             rows = {member["row"] for member in members}
             if len(rows) == 1:
                 phrase += " " + synthetic.ROW_PHRASES[synthetic.ROWS[rows.pop()]]
