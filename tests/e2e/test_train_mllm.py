@@ -76,7 +76,7 @@ def test_extract_train_export_and_use(tmp_path, monkeypatch, capsys):
     assert caption_losses[0] < math.log(len(MultimodalLM.load(EXPORT / "merged").tokenizer))
     assert caption_losses[-1] < caption_losses[0] - 0.2, caption_losses
     assert scalars(tmp_path / RUN, "throughput/tokens_per_sec")
-    assert_dashboard(tmp_path / RUN, hyperparameter=("model.optim.lr", 1e-3), metric="val/caption_loss")
+    assert_dashboard(tmp_path / RUN, hyperparameter=("model.optim.lr", 2e-3), metric="val/caption_loss")
     saved = json.loads((EXPORT / "merged" / "seed_mllm.json").read_text())
     assert saved["weights"] == "full" and saved["config"]["num_visual_codes"] == NUM_CODES
     assert (tmp_path / RUN / "checkpoints" / "last.ckpt").is_file()
